@@ -1,0 +1,1 @@
+"""zoo.recipes: one module per pretraining method, each registered in `zoo.registry.RECIPES`."""

@@ -1,0 +1,191 @@
+"""The `zoo` command: list and inspect models, convert checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from zoo.errors import ZooError
+
+
+def _format_params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}K"
+
+
+def _format_eval(results: dict[str, Any]) -> str:
+    """`{'digits': {'knn_top1': 91.2}}` -> 'digits knn_top1 91.2'."""
+    parts = []
+    for task, metrics in (results or {}).items():
+        if isinstance(metrics, dict):
+            parts += [f"{task} {k} {v:.4g}" if isinstance(v, float) else f"{task} {k} {v}" for k, v in metrics.items()]
+        else:
+            parts.append(f"{task} {metrics}")
+    return ", ".join(parts) or "-"
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str], out=None) -> None:
+    """A plain aligned text table."""
+    out = out or sys.stdout
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+
+
+def model_rows(pattern: str | None = None, pretrained: bool = False) -> list[dict[str, Any]]:
+    """One row per name `zoo list` shows: published models, known remote weights, architectures."""
+    from zoo.factory import count_params, list_models
+    from zoo.hub import WEIGHTS, read_card, store_names
+
+    rows = []
+    for name in store_names(pattern):
+        card = read_card(name)
+        prov = card.get("provenance", {})
+        rows.append(
+            dict(name=name, params=_format_params(card.get("params")), source="store", recipe=prov.get("recipe") or "-",
+                 eval=_format_eval(card.get("eval", {})))
+        )
+    for entry in WEIGHTS:
+        if pattern is None or entry.name in WEIGHTS.names(pattern):
+            rows.append(dict(name=entry.name, params="-", source=entry.meta.get("source", "remote"), recipe="-", eval="-"))
+    if not pretrained:
+        for arch in list_models(pattern):
+            rows.append(dict(name=arch, params=_format_params(count_params(arch)), source="arch (random init)", recipe="-", eval="-"))
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = model_rows(args.pattern, args.pretrained)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    else:
+        print_table(rows, ["name", "params", "source", "recipe", "eval"])
+    return 0
+
+
+def info_record(name: str) -> dict[str, Any]:
+    """What `zoo info` shows: the card of a published model, or an architecture's definition."""
+    from zoo.factory import count_params, split_name
+    from zoo.hub import CONFIG_FILE, WEIGHTS, read_card, store_dir
+    from zoo.registry import MODELS
+
+    if (store_dir() / name / CONFIG_FILE).is_file() or (Path(name) / CONFIG_FILE).is_file():
+        return read_card(name)
+    if name in WEIGHTS:
+        return {"name": name, **WEIGHTS.get(name).meta}
+    arch, _ = split_name(name)
+    entry = MODELS.get(arch)  # raises with suggestions
+    import torch
+
+    with torch.device("meta"):
+        model = entry.factory()
+    return {
+        "name": arch,
+        "arch": arch,
+        "family": entry.meta.get("family"),
+        "class": f"{type(model).__module__}.{type(model).__name__}",
+        "args": entry.meta.get("defaults", {}),
+        "params": count_params(arch),
+        "pretrained_cfg": {
+            **{k: v for k, v in getattr(model, "pretrained_cfg", {}).items()
+               if k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
+            "num_classes": getattr(model, "num_classes", None),
+        },
+        "weights": "none (random init); published weights: " + (", ".join(n for n in _published_for(arch)) or "none"),
+    }
+
+
+def _published_for(arch: str) -> list[str]:
+    from zoo.hub import pretrained_names
+
+    return [n for n in pretrained_names() if n.split(".")[0] == arch]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rec = info_record(args.name)
+    if args.json:
+        print(json.dumps(rec, indent=2, default=str))
+        return 0
+    for key, value in rec.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import safetensors.torch
+
+    from zoo.convert import fit_state_dict, load_checked
+    from zoo.factory import create_model
+    from zoo.hub import make_card, publish, read_state_dict, read_untrusted_pickle
+
+    src = Path(args.src)
+    sd = read_untrusted_pickle(src) if args.trust_pickle else read_state_dict(src)
+    model = create_model(args.arch)
+    load_checked(model, fit_state_dict(sd, model), str(src), strict=not args.non_strict)
+    card = {"provenance": {"converted_from": src.name}}
+    if args.out.endswith(".safetensors"):
+        meta = make_card(model, Path(args.out).stem, card)
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        tmp = Path(args.out + ".part")
+        safetensors.torch.save_file(tensors, tmp, metadata={"zoo_card": json.dumps(meta)})
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+    else:
+        print(f"published {publish(model, args.out, card, overwrite=args.overwrite)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from zoo import __version__
+
+    p = argparse.ArgumentParser(prog="zoo", description="A model zoo for vision and multimodal pretraining.")
+    p.add_argument("--version", action="version", version=f"zoo {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("list", help="list architectures and pretrained models")
+    s.add_argument("pattern", nargs="?", help="wildcard (vit_*_patch4_*) or substring")
+    s.add_argument("--pretrained", action="store_true", help="only names with weights")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("info", help="show a model's architecture, preprocessing and card")
+    s.add_argument("name", help="a published name, a model directory, or an architecture")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("convert", help="convert a checkpoint (e.g. official MAE .pth) to zoo safetensors")
+    s.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
+    s.add_argument("out", help="OUT.safetensors, or a name to publish in the zoo store (arch.tag)")
+    s.add_argument("--arch", required=True, help="zoo architecture, e.g. vit_base_patch16_224")
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="fully unpickle SRC (runs code from the file: only for files you trust)")
+    s.add_argument("--non-strict", action="store_true", help="allow keys missing from the checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing published model")
+    s.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ZooError as e:
+        print(f"zoo: error: {e}", file=sys.stderr)
+        return 2

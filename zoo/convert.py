@@ -1,0 +1,129 @@
+"""State-dict conversion between zoo backbones and foreign checkpoints.
+
+`checkpoint_filter_fn`-style: foreign checkpoints (official MAE `models_mae.py`, DDP-wrapped,
+timm) are unwrapped and their keys remapped into our modules; `load_checked` then refuses any
+dict that does not fit, naming the missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from zoo.errors import CheckpointMismatchError
+
+log = logging.getLogger(__name__)
+
+# Wrappers seen around state dicts in the wild: MAE/DeiT ('model'), Lightning ('state_dict'), misc.
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "teacher", "net")
+# Keys of an MAE pretraining model that are not part of the encoder (models_mae.py naming).
+MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+def unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint, stripping nesting and DDP's `module.` prefixes."""
+    sd: Any = checkpoint
+    while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = next((sd[k] for k in WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = inner
+    if not isinstance(sd, Mapping):
+        raise CheckpointMismatchError(f"checkpoint holds a {type(sd).__name__}, not a state dict")
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[k.removeprefix("module.")] = v
+    return out
+
+
+def is_mae_pretrain(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict comes from MAE pretraining (encoder + decoder, models_mae.py names)."""
+    return any(k.startswith(MAE_DECODER_PREFIXES) for k in sd)
+
+
+def filter_vit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fit a ViT state dict (ours, timm's, or an official MAE checkpoint) to `model`:
+    drop the MAE decoder, drop a classifier the model lacks, resample the position embedding."""
+    out: dict[str, torch.Tensor] = {}
+    dropped = []
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k.startswith(MAE_DECODER_PREFIXES):
+            dropped.append(k)
+            continue
+        if k.startswith("head.") and k not in own:
+            dropped.append(k)
+            continue
+        if k == "pos_embed" and k in own and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
+            v = resample_pos_embed(v, own[k].shape[1], model.num_prefix_tokens)
+        out[k] = v
+    if dropped:
+        log.info("dropped %d checkpoint keys the backbone does not use (%s, ...)", len(dropped), dropped[0])
+    return out
+
+
+def resample_pos_embed(pos: torch.Tensor, n_tokens: int, num_prefix: int) -> torch.Tensor:
+    """Bicubic resize of a square-grid position embedding to `n_tokens` (prefix rows kept)."""
+    from timm.layers import resample_abs_pos_embed
+
+    old = int(round((pos.shape[1] - num_prefix) ** 0.5))
+    new = int(round((n_tokens - num_prefix) ** 0.5))
+    if old * old != pos.shape[1] - num_prefix or new * new != n_tokens - num_prefix:
+        raise CheckpointMismatchError(
+            f"cannot resample pos_embed of {pos.shape[1]} tokens to {n_tokens}: grids are not square"
+        )
+    return resample_abs_pos_embed(pos, [new, new], [old, old], num_prefix_tokens=num_prefix)
+
+
+def fit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Dispatch to the family's filter; other families load keys as they are."""
+    from zoo.models.vit import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return filter_vit_state_dict(sd, model)
+    return dict(sd)
+
+
+def describe_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor], limit: int = 6) -> str | None:
+    """A one-line description of how `sd` fails to fit `model`, or None if it fits exactly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:limit])}{more}")
+    return "; ".join(parts) or None
+
+
+def load_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> nn.Module:
+    """Load `sd` into `model`, refusing (strict) or logging (non-strict) any key that does not fit."""
+    problem = describe_mismatch(model, sd)
+    if problem:
+        if strict or "mis-shaped" in problem:
+            raise CheckpointMismatchError(
+                f"{source} does not fit {getattr(model, 'zoo_arch', type(model).__name__)}: {problem}. "
+                "Check the architecture (arch=...) and its arguments, or pass strict=False to skip missing keys"
+            )
+        log.warning("%s: loaded non-strictly: %s", source, problem)
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def to_timm(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(kwargs for timm's `VisionTransformer`, state dict it loads with strict=True) for a zoo ViT."""
+    from zoo.models.vit import VisionTransformer, timm_kwargs
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"to_timm exports zoo ViTs, got {type(model).__name__}")
+    return timm_kwargs(model), {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,465 @@
+"""Names -> weights.
+
+`load(name)` resolves, in order: a model published in the zoo store (`$ZOO_HOME/models/NAME`),
+`hf-hub:org/repo`, `timm:NAME`, `open_clip:ARCH/TAG`, an `http(s)://...#sha256=HEX` URL, a known
+pretrained name from `WEIGHTS`, and a local directory or weights file. Weights are safetensors;
+pickles load only with `weights_only=True`; every remote file is checked against its sha256
+before use and a failed download leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from zoo.convert import fit_state_dict, load_checked, unwrap
+from zoo.errors import (
+    ChecksumError,
+    ConfigError,
+    DownloadError,
+    UnknownNameError,
+    UnsafeCheckpointError,
+    ZooError,
+)
+from zoo.factory import create_model, split_name
+from zoo.progress import progress_bar
+from zoo.registry import MODELS, Registry, close_matches
+
+log = logging.getLogger(__name__)
+
+CARD_FORMAT = "zoo.model/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9][A-Za-z0-9_\-]*)?$")
+
+# Known weights that live elsewhere (a URL pinned by sha256, or a hub repo): name -> loader.
+WEIGHTS = Registry("pretrained weights")
+
+
+def register_weights(name: str, source: str, *, sha256: str | None = None, **load_kwargs: Any) -> None:
+    """Make `zoo.load(name)` fetch `source` (URL, `hf-hub:` id or path), pinned to `sha256` for URLs."""
+    if source.startswith(("http://", "https://")) and not sha256 and "#sha256=" not in source:
+        raise ZooError(f"weights {name!r}: a URL source must be pinned with sha256=")
+    target = f"{source}#sha256={sha256}" if sha256 else source
+
+    def fetch(**kwargs: Any) -> nn.Module:
+        return load(target, **{**load_kwargs, **kwargs})
+
+    WEIGHTS.register(name, fetch, source=source, sha256=sha256, **load_kwargs)
+
+
+# -- the store -----------------------------------------------------------------------------------
+def zoo_home() -> Path:
+    """Root of the zoo store and download cache: `$ZOO_HOME`, default `~/.cache/zoo`."""
+    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo").expanduser()
+
+
+def store_dir() -> Path:
+    return zoo_home() / "models"
+
+
+def store_names(pattern: str | None = None) -> list[str]:
+    """Names of the models published in the local store."""
+    root = store_dir()
+    if not root.is_dir():
+        return []
+    names = sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
+    if pattern:
+        import fnmatch
+
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+    return names
+
+
+def pretrained_names(pattern: str | None = None) -> list[str]:
+    """Every name `load` resolves without a path: the store plus registered remote weights."""
+    return sorted(set(store_names(pattern)) | set(WEIGHTS.names(pattern)))
+
+
+def read_card(name_or_dir: str | Path) -> dict[str, Any]:
+    """The `config.json` card of a published model (a store name or a directory)."""
+    path = Path(name_or_dir)
+    if not (path / CONFIG_FILE).is_file():
+        path = store_dir() / str(name_or_dir)
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise UnknownNameError(_unknown_message(str(name_or_dir)))
+    try:
+        card = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON ({e}); republish the model or fix the file") from None
+    if not isinstance(card, dict) or "arch" not in card:
+        raise ConfigError(f"{cfg_path} has no 'arch' entry; it is not a zoo model card")
+    return card
+
+
+# -- publish -------------------------------------------------------------------------------------
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_card(model: nn.Module, name: str, card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json of a published model: architecture, preprocessing, provenance, eval results."""
+    card = dict(card or {})
+    arch = getattr(model, "zoo_arch", None)
+    if arch is None:
+        raise ZooError(
+            f"cannot publish a {type(model).__name__} that zoo did not build; create it with zoo.create_model(ARCH)"
+        )
+    known = {"provenance", "eval", "description", "license", "recipe", "data", "steps"}
+    extra = sorted(set(card) - known)
+    if extra:
+        hint = close_matches(extra[0], sorted(known))
+        raise ConfigError(f"unknown card key {extra[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    provenance = {
+        "recipe": card.pop("recipe", None),
+        "data": card.pop("data", None),
+        "steps": card.pop("steps", None),
+        **card.pop("provenance", {}),
+    }
+    provenance.setdefault("git_commit", _git_commit())
+    provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    from zoo import __version__
+
+    provenance.setdefault("zoo_version", __version__)
+    pcfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(model, "pretrained_cfg", {})).items()}
+    pcfg["num_classes"] = getattr(model, "num_classes", pcfg.get("num_classes"))
+    keep = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes")
+    return {
+        "format": CARD_FORMAT,
+        "name": name,
+        "arch": arch,
+        "args": dict(getattr(model, "zoo_args", {})),
+        "params": sum(p.numel() for p in model.parameters()),
+        "pretrained_cfg": {k: pcfg[k] for k in keep if k in pcfg},
+        "provenance": provenance,
+        "eval": card.pop("eval", {}),
+        **card,
+    }
+
+
+def publish(
+    model: nn.Module, name: str, card: dict[str, Any] | None = None, *, root: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write `model` as `ROOT/NAME/{model.safetensors,config.json}` (ROOT: the zoo store) and return the directory.
+
+    The directory appears whole or not at all (written aside, then renamed into place).
+    """
+    if not NAME_RE.match(name):
+        raise ZooError(f"invalid model name {name!r}: use 'arch.tag' with letters, digits, '_' and '-'")
+    root = Path(root) if root is not None else store_dir()
+    dest = root / name
+    if dest.exists() and not overwrite:
+        raise ZooError(f"{dest} already exists; pass overwrite=True (or --overwrite) to replace it")
+    meta = make_card(model, name, card)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(sd, tmp / WEIGHTS_FILE, metadata={"zoo_card": json.dumps(meta)})
+        meta["weights_sha256"] = _sha256_file(tmp / WEIGHTS_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if dest.exists():
+            old = dest.with_name(f".{name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("published %s -> %s", name, dest)
+    return dest
+
+
+# -- download ------------------------------------------------------------------------------------
+def parse_pinned_url(url: str, sha256: str | None = None) -> tuple[str, str]:
+    """Split `URL#sha256=HEX` into (URL, hex); a remote file must be pinned."""
+    base, _, frag = url.partition("#")
+    params = urllib.parse.parse_qs(frag)
+    digest = (sha256 or (params.get("sha256") or [""])[0]).lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ZooError(
+            f"{base}: remote weights must be pinned by their sha256; append '#sha256=<64 hex digits>' to the URL"
+        )
+    return base, digest
+
+
+def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | None = None) -> Path:
+    """Fetch a pinned URL once into the cache and return its path, verified against the sha256.
+
+    A mismatch or a broken transfer leaves nothing in the cache.
+    """
+    base, digest = parse_pinned_url(url, sha256)
+    filename = Path(urllib.parse.urlparse(base).path).name or "download"
+    folder = Path(cache_dir) if cache_dir is not None else zoo_home() / "downloads" / digest
+    dest = folder / filename
+    if dest.is_file():
+        if _sha256_file(dest) == digest:
+            return dest
+        log.warning("cached %s does not match its sha256; fetching it again", dest)
+        dest.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    part = folder / f".{filename}.part"
+    h = hashlib.sha256()
+    try:
+        try:
+            resp = urllib.request.urlopen(base, timeout=60)
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"{base}: HTTP {e.code} {e.reason}; check the URL") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise DownloadError(f"{base}: cannot connect ({getattr(e, 'reason', e)}); check the URL and network") from None
+        with resp, open(part, "wb") as f:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=filename) as bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+            if total is not None and f.tell() != total:
+                raise DownloadError(f"{base}: transfer ended after {f.tell()} of {total} bytes; try again")
+    except (OSError, ValueError) as e:  # a connection dropped mid-stream
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{base}: download failed ({e}); try again") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if h.hexdigest() != digest:
+        part.unlink(missing_ok=True)
+        _remove_if_empty(folder)
+        raise ChecksumError(
+            f"{base}: sha256 is {h.hexdigest()}, expected {digest}; the file was refused and removed. "
+            "Check the pinned hash or the source"
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+# -- reading weight files ------------------------------------------------------------------------
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a pickle read with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"no such weights file: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path)
+        except Exception as e:  # safetensors raises its own untyped errors on corrupt headers
+            raise ZooError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path} needs arbitrary Python objects to unpickle ({str(e).splitlines()[0][:160]}), so it was not loaded. "
+            f"If you trust its origin, convert it once to safetensors: "
+            f"`zoo convert {path} OUT.safetensors --arch ARCH --trust-pickle`"
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise ZooError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    return unwrap(ckpt) if isinstance(ckpt, dict) else _not_a_state_dict(path, ckpt)
+
+
+def _not_a_state_dict(path: Path, obj: Any):
+    raise ZooError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead")
+
+
+def read_untrusted_pickle(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a pickled checkpoint with full unpickling: only for files the user says they trust."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    return unwrap(ckpt)
+
+
+def _safetensors_card(path: Path) -> dict[str, Any] | None:
+    with safetensors.safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["zoo_card"]) if "zoo_card" in meta else None
+
+
+# -- load ----------------------------------------------------------------------------------------
+def _unknown_message(name: str) -> str:
+    arch, _ = split_name(name)
+    if arch in MODELS and name == arch:
+        return (
+            f"{name!r} is an architecture without pretrained weights here; build it with "
+            f"zoo.create_model({name!r}), or load one of: {', '.join(pretrained_names(arch + '*')[:5]) or '(none published)'}"
+        )
+    candidates = pretrained_names() + MODELS.names()
+    hint = close_matches(name, candidates)
+    msg = f"unknown model {name!r}: not in the zoo store ({store_dir()}), not a registered name, not a file"
+    if hint:
+        msg += f"; did you mean: {', '.join(hint)}?"
+    return msg + " (`zoo list` shows them; use timm:NAME or open_clip:ARCH/TAG for those libraries)"
+
+
+def _build_from_card(card: dict[str, Any], overrides: dict[str, Any]) -> nn.Module:
+    arch = card["arch"]
+    if arch not in MODELS:
+        raise ConfigError(f"card names architecture {arch!r}, which this zoo version does not have; upgrade zoo")
+    return create_model(arch, **{**card.get("args", {}), **overrides})
+
+
+def _finish(model: nn.Module, card: dict[str, Any] | None, source: str) -> nn.Module:
+    model.zoo_card = card or {}
+    model.zoo_source = source
+    return model.eval()
+
+
+def _load_dir(path: Path, overrides: dict[str, Any], strict: bool) -> nn.Module:
+    card = read_card(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ZooError(f"{path} has a {CONFIG_FILE} but no {WEIGHTS_FILE}; republish the model")
+    expected = card.get("weights_sha256")
+    if expected and _sha256_file(weights) != expected:
+        raise ChecksumError(f"{weights} does not match the sha256 in its {CONFIG_FILE}; the file is corrupt, republish it")
+    model = _build_from_card(card, overrides)
+    sd = fit_state_dict(read_state_dict(weights), model)
+    load_checked(model, sd, str(weights), strict=strict)
+    return _finish(model, card, str(path))
+
+
+def _load_file(path: Path, arch: str | None, overrides: dict[str, Any], strict: bool) -> nn.Module:
+    card = None
+    if path.suffix == ".safetensors":
+        card = _safetensors_card(path)
+        if card is None and (path.parent / CONFIG_FILE).is_file():
+            card = read_card(path.parent)
+    elif path.suffix not in PICKLE_SUFFIXES:
+        raise ZooError(f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+    if arch is not None:
+        card = {**(card or {}), "arch": split_name(arch)[0]}
+    if card is None:
+        raise ConfigError(
+            f"{path} does not say which architecture it holds; pass arch=..., e.g. "
+            f"zoo.load({str(path)!r}, arch='vit_base_patch16_224')"
+        )
+    model = _build_from_card(card, overrides)
+    sd = fit_state_dict(read_state_dict(path), model)
+    load_checked(model, sd, str(path), strict=strict)
+    return _finish(model, card, str(path))
+
+
+def _load_hf(repo: str, overrides: dict[str, Any], strict: bool) -> nn.Module:
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        cfg_path = Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision or None))
+        card = json.loads(cfg_path.read_text())
+        if "architecture" in card and "arch" not in card:  # a timm-format repo: let timm read it
+            import timm
+
+            return _finish(timm.create_model(f"hf-hub:{repo}", pretrained=True, **overrides), card, f"hf-hub:{repo}")
+        weights = Path(hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision or None))
+    except Exception as e:
+        if isinstance(e, ZooError):
+            raise
+        raise DownloadError(f"hf-hub:{repo}: cannot get {CONFIG_FILE}/{WEIGHTS_FILE} ({type(e).__name__}: {e})") from None
+    model = _build_from_card(card, overrides)
+    load_checked(model, fit_state_dict(read_state_dict(weights), model), f"hf-hub:{repo}", strict=strict)
+    return _finish(model, card, f"hf-hub:{repo}")
+
+
+def _load_timm(name: str, overrides: dict[str, Any]) -> nn.Module:
+    import timm
+
+    pretrained = overrides.pop("pretrained", True)
+    if not timm.list_models(split_name(name)[0]) and not name.startswith("hf-hub:"):
+        hint = close_matches(split_name(name)[0], timm.list_models())
+        raise UnknownNameError(f"timm has no model {name!r}" + (f"; did you mean: {', '.join(hint)}?" if hint else ""))
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **overrides)
+    except (RuntimeError, OSError) as e:
+        raise DownloadError(f"timm:{name}: could not get pretrained weights ({str(e).splitlines()[0]})") from None
+    return _finish(model, {"arch": f"timm:{name}"}, f"timm:{name}")
+
+
+def _load_open_clip(name: str, overrides: dict[str, Any]) -> nn.Module:
+    import open_clip
+
+    arch, _, tag = name.partition("/")
+    pretrained = overrides.pop("pretrained", tag or None)
+    if arch not in open_clip.list_models() and not arch.startswith("hf-hub:"):
+        hint = close_matches(arch, open_clip.list_models())
+        raise UnknownNameError(f"open_clip has no model {arch!r}" + (f"; did you mean: {', '.join(hint)}?" if hint else ""))
+    if pretrained is None:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise ZooError(
+            f"open_clip:{arch} needs a weights tag, e.g. open_clip:{arch}/{tags[0] if tags else 'TAG'} "
+            f"(tags: {', '.join(tags) or 'none'}), or pretrained=False for random init"
+        )
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained or None, **overrides)
+    except (RuntimeError, OSError) as e:
+        raise DownloadError(f"open_clip:{name}: could not get pretrained weights ({str(e).splitlines()[0]})") from None
+    return _finish(model, {"arch": f"open_clip:{arch}", "tag": pretrained}, f"open_clip:{name}")
+
+
+def load(name: str | os.PathLike, *, arch: str | None = None, strict: bool = True, sha256: str | None = None, **kwargs: Any) -> nn.Module:
+    """A pretrained model by name, path, pinned URL, `hf-hub:`, `timm:` or `open_clip:` id, in eval mode.
+
+    `arch=` names the architecture of a bare weights file; other keyword arguments override the
+    architecture's (e.g. `num_classes=10`, `global_pool='avg'`).
+    """
+    name = os.fspath(name)
+    if not name.startswith(("hf-hub:", "timm:", "open_clip:", "http://", "https://")) and (store_dir() / name / CONFIG_FILE).is_file():
+        return _load_dir(store_dir() / name, kwargs, strict)
+    if name.startswith("hf-hub:"):
+        return _load_hf(name.removeprefix("hf-hub:"), kwargs, strict)
+    if name.startswith("timm:"):
+        return _load_timm(name.removeprefix("timm:"), kwargs)
+    if name.startswith("open_clip:"):
+        return _load_open_clip(name.removeprefix("open_clip:"), kwargs)
+    if name.startswith(("http://", "https://")):
+        path = download(name, sha256)
+        return _load_file(path, arch, kwargs, strict)
+    if name in WEIGHTS:
+        extra = {"arch": arch} if arch else {}
+        return WEIGHTS.build(name, strict=strict, **extra, **kwargs)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_dir(path, kwargs, strict)
+    if path.is_file():
+        return _load_file(path, arch, kwargs, strict)
+    raise UnknownNameError(_unknown_message(name))

@@ -1,0 +1,339 @@
+"""Vision Transformer backbones.
+
+A compact ViT whose parameter names are those of timm's `VisionTransformer` (and of the
+official MAE/DINO code), so checkpoints move between them by key filtering alone. Attention
+goes through `zoo.kernels.attention`; patch tokens can be dropped before the blocks (`keep=`)
+for masked-image-modelling methods.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+
+from zoo.kernels import attention
+from zoo.registry import MODELS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, num_prefix: int = 1) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (1, prefix + h*w, dim), MAE convention:
+    first half of the channels encodes the column, second half the row; prefix rows are zero."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([encode(cols), encode(rows)], dim=1)
+    emb = torch.cat([torch.zeros(num_prefix, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float().unsqueeze(0)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; the product itself is `zoo.kernels.attention`."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = attention(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with optional layer scale and stochastic depth."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: Any = partial(nn.LayerNorm, eps=1e-6),
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """Block indices to return: None -> all, int n -> the last n, a sequence -> those (negatives from the end)."""
+    if indices is None:
+        return list(range(num_blocks))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n indices={indices} is out of range 1..{num_blocks}")
+        return list(range(num_blocks - indices, num_blocks))
+    out = []
+    for i in indices:
+        j = i + num_blocks if i < 0 else i
+        if not 0 <= j < num_blocks:
+            raise ValueError(f"block index {i} is out of range for {num_blocks} blocks")
+        out.append(j)
+    return out
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone with timm-compatible parameter names and the uniform feature API
+    (`forward_features`, `forward_head`, `forward_intermediates`)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        global_pool: Literal["token", "avg", ""] = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = None,
+        class_token: bool = True,
+        pos_embed: Literal["learn", "sincos"] = "learn",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if pos_embed not in ("learn", "sincos"):
+            raise ValueError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.pos_embed_type = pos_embed
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        n_pos = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=pos_embed == "learn")
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule
+        self.blocks = nn.Sequential(
+            *[
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, drop_rate, attn_drop_rate, dpr[i], norm_layer)
+                for i in range(depth)
+            ]
+        )
+        use_fc_norm = global_pool == "avg"  # timm's rule: avg pooling normalises after pooling
+        self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
+        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.pretrained_cfg: dict[str, Any] = {
+            "input_size": (in_chans, img_size, img_size),
+            "mean": tuple(mean),
+            "std": tuple(std),
+            "interpolation": "bicubic",
+            "crop_pct": 0.9,
+            "num_classes": num_classes,
+        }
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if self.pos_embed_type == "sincos":
+            grid_h, grid_w = self.patch_embed.grid_size
+            self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, grid_h, grid_w, self.num_prefix_tokens))
+        else:
+            trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # -- helpers ---------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        if tuple(grid) == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        if self.pos_embed_type == "sincos":
+            return sincos_pos_embed_2d(self.embed_dim, *grid, self.num_prefix_tokens).to(self.pos_embed)
+        return resample_abs_pos_embed(
+            self.pos_embed, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=self.num_prefix_tokens
+        )
+
+    def embed(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens + position embedding, optionally only the patches `keep` (B, K), then the class token."""
+        b, _, h, w = x.shape
+        grid = (h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1])
+        x = self.patch_embed(x)
+        pos = self._pos_embed_for(grid)
+        x = x + pos[:, self.num_prefix_tokens :]
+        if keep is not None:
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if self.cls_token is not None:
+            cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        return self.pos_drop(x)
+
+    def _run_blocks(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for blk in self.blocks:
+            if getattr(self, "grad_checkpointing", False) and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask=attn_mask)
+        return x
+
+    # -- the uniform feature API --------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm: (B, prefix + N, D), or prefix + K with `keep`."""
+        return self.norm(self._run_blocks(self.embed(x, keep)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens from `forward_features` and apply the head (if any)."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Outputs of chosen blocks (timm semantics): spatial maps (NCHW) or token lists (NLC),
+        with the final normalised tokens unless `intermediates_only`."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = take_indices(len(self.blocks), indices)
+        b, _, h, w = x.shape
+        grid = (h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1])
+        x = self.embed(x)
+        blocks = self.blocks[: max(take) + 1] if stop_early or intermediates_only else self.blocks
+        feats = []
+        for i, blk in enumerate(blocks):
+            x = blk(x)
+            if i in take:
+                feats.append(self.norm(x) if norm else x)
+        prefix = [f[:, : self.num_prefix_tokens] for f in feats]
+        feats = [f[:, self.num_prefix_tokens :] for f in feats]
+        if output_fmt == "NCHW":
+            feats = [f.reshape(b, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if return_prefix_tokens and self.num_prefix_tokens:
+            feats = list(zip(feats, prefix))
+        if intermediates_only:
+            return feats
+        return self.norm(x), feats
+
+
+# -- registered architectures: data, not code -------------------------------------------------
+# CPU-scale ViTs (patch 4 on 32 px, patch 8 on 64 px) for work on built-in data, then the
+# standard shapes under timm's names.
+VIT_ARCHS: dict[str, dict[str, Any]] = {
+    "vit_nano_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4),
+    "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3),
+    "vit_small_patch4_32": dict(img_size=32, patch_size=4, embed_dim=384, depth=8, num_heads=6),
+    "vit_tiny_patch8_64": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3),
+    "vit_small_patch8_64": dict(img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6),
+    "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def _vit_factory(defaults: dict[str, Any]):
+    def build(**overrides: Any) -> VisionTransformer:
+        return VisionTransformer(**{**defaults, **overrides})
+
+    return build
+
+
+for _name, _cfg in VIT_ARCHS.items():
+    MODELS.register(_name, _vit_factory(_cfg), family="vit", defaults=dict(_cfg))
+
+
+def timm_kwargs(model: VisionTransformer) -> dict[str, Any]:
+    """Constructor arguments of timm's `VisionTransformer` with the same parameters and forward."""
+    c, h, _ = model.pretrained_cfg["input_size"]
+    blk = model.blocks[0]
+    return dict(
+        img_size=h,
+        patch_size=model.patch_embed.patch_size[0],
+        in_chans=c,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=blk.attn.qkv.bias is not None,
+        init_values=blk.ls1.init_values if isinstance(blk.ls1, LayerScale) else None,
+        class_token=model.cls_token is not None,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+
+
+__all__ = ["VisionTransformer", "Block", "Attention", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs"]
