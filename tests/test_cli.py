@@ -1,0 +1,58 @@
+"""The `zoo` command: list, info, errors, and the installed entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import zoo
+from zoo.cli import main
+
+
+def test_list_shows_architectures_and_published_models(capsys):
+    zoo.publish(zoo.create_model("vit_nano_patch4_32"), "vit_nano_patch4_32.demo",
+                {"recipe": "mae", "eval": {"digits": {"knn_top1": 91.25}}})
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["NAME", "PARAMS", "SOURCE", "RECIPE", "EVAL"]
+    row = next(line for line in out.splitlines() if line.startswith("vit_nano_patch4_32.demo"))
+    assert "store" in row and "mae" in row and "digits knn_top1 91.25" in row
+    assert any(line.startswith("resnet18 ") for line in out.splitlines())
+    assert any(line.startswith("vit_tiny_patch4_32 ") and "2.7M" in line for line in out.splitlines())
+
+
+def test_list_pattern_and_json(capsys):
+    assert main(["list", "vit_*_patch4_32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {"vit_nano_patch4_32", "vit_tiny_patch4_32", "vit_small_patch4_32"}
+    assert main(["list", "--pretrained"]) == 1  # empty store: says so and fails
+    assert "no model matches" in capsys.readouterr().err
+
+
+def test_info_architecture_and_card(capsys):
+    assert main(["info", "vit_tiny_patch4_32", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["params"] == sum(p.numel() for p in zoo.create_model("vit_tiny_patch4_32").parameters())
+    assert rec["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    zoo.publish(zoo.create_model("vit_nano_patch4_32"), "vit_nano_patch4_32.card", {"data": "fractals", "steps": 10})
+    assert main(["info", "vit_nano_patch4_32.card"]) == 0
+    out = capsys.readouterr().out
+    assert "arch: vit_nano_patch4_32" in out and "data: fractals" in out and "steps: 10" in out
+
+
+def test_unknown_name_is_a_one_line_error(capsys):
+    assert main(["info", "vit_tiny_patch4_23"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("zoo: error: unknown model") and "vit_tiny_patch4_32" in err
+
+
+def test_installed_entry_point_runs():
+    exe = shutil.which("zoo") or str(__import__("pathlib").Path(sys.executable).with_name("zoo"))
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "list" in out.stdout and "info" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "zoo", "list", "resnet*"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "resnet50" in out.stdout
