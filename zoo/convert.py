@@ -107,10 +107,12 @@ def describe_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor], limit: i
 
 
 def load_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> nn.Module:
-    """Load `sd` into `model`, refusing (strict) or logging (non-strict) any key that does not fit."""
+    """Load `sd` into `model`, refusing any key that does not fit; non-strict tolerates (and logs) only
+    keys missing from `sd`, never unexpected or mis-shaped ones."""
     problem = describe_mismatch(model, sd)
     if problem:
-        if strict or "mis-shaped" in problem:
+        own = model.state_dict()
+        if strict or any(k not in own or tuple(v.shape) != tuple(own[k].shape) for k, v in sd.items()):
             raise CheckpointMismatchError(
                 f"{source} does not fit {getattr(model, 'zoo_arch', type(model).__name__)}: {problem}. "
                 "Check the architecture (arch=...) and its arguments, or pass strict=False to skip missing keys"

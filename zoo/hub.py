@@ -115,8 +115,11 @@ def read_card(name_or_dir: str | Path) -> dict[str, Any]:
 
 # -- publish -------------------------------------------------------------------------------------
 def _git_commit() -> str | None:
+    """The commit of the zoo source that produced a model (None outside a git checkout)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -254,9 +257,11 @@ def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | Non
                 raise DownloadError(f"{base}: transfer ended after {f.tell()} of {total} bytes; try again")
     except (OSError, ValueError) as e:  # a connection dropped mid-stream
         part.unlink(missing_ok=True)
+        _remove_if_empty(folder)
         raise DownloadError(f"{base}: download failed ({e}); try again") from None
     except BaseException:
         part.unlink(missing_ok=True)
+        _remove_if_empty(folder)
         raise
     if h.hexdigest() != digest:
         part.unlink(missing_ok=True)
@@ -290,8 +295,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"e.g. {found.group(1)}" if found else "not only tensors"
         raise UnsafeCheckpointError(
-            f"{path} needs arbitrary Python objects to unpickle ({str(e).splitlines()[0][:160]}), so it was not loaded. "
+            f"{path} needs arbitrary Python objects to unpickle ({what}), so it was not loaded. "
             f"If you trust its origin, convert it once to safetensors: "
             f"`zoo convert {path} OUT.safetensors --arch ARCH --trust-pickle`"
         ) from None
@@ -311,8 +318,11 @@ def read_untrusted_pickle(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _safetensors_card(path: Path) -> dict[str, Any] | None:
-    with safetensors.safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own untyped errors on corrupt headers
+        raise ZooError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
     return json.loads(meta["zoo_card"]) if "zoo_card" in meta else None
 
 
