@@ -150,6 +150,51 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_make_builtin(args: argparse.Namespace) -> int:
+    from zoo.data.builtin import generate
+    from zoo.data.shards import write_shards
+    from zoo.registry import DATASETS
+
+    meta = DATASETS.get(args.name).meta
+    n = min(args.n, meta.get("max_samples", {}).get(args.split, args.n))
+    info = {"name": args.name, "split": args.split, "seed": args.seed, "size": args.size,
+            "num_classes": meta.get("num_classes"), "source": "zoo.data.builtin"}
+    shards = write_shards(generate(args.name, n, seed=args.seed, size=args.size, split=args.split), args.out,
+                          maxcount=args.maxcount, total=n, info=info, desc=f"{args.name}/{args.split}")
+    print(f"wrote {n} {args.name} samples in {len(shards)} shard(s) to {args.out}/{{00000..{len(shards) - 1:05d}}}.tar")
+    return 0
+
+
+def cmd_shards_from_folder(args: argparse.Namespace) -> int:
+    from zoo.data.shards import folder_samples, write_shards
+
+    classes, samples, n = folder_samples(args.src)
+    info = {"name": Path(args.src).name, "classes": classes, "num_classes": len(classes), "source": str(args.src)}
+    shards = write_shards(samples, args.out, maxcount=args.maxcount, total=n, info=info, desc="from-folder")
+    print(f"wrote {n} samples of {len(classes)} classes in {len(shards)} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_shards_check(args: argparse.Namespace) -> int:
+    from zoo.data.shards import check_shards
+
+    rows = check_shards(args.pattern)
+    table = [
+        {"shard": r["shard"], "samples": r["samples"],
+         "fields": ",".join(r["fields"]) or "-",
+         "skipped": ", ".join(f"{n} {k}" for k, n in r["skipped"].items()) or "-"}
+        for r in rows
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(table, ["shard", "samples", "fields", "skipped"])
+    bad = sum(sum(r["skipped"].values()) for r in rows)
+    total = sum(r["samples"] for r in rows)
+    print(f"{len(rows)} shard(s), {total} good sample(s), {bad} problem(s)", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
 
@@ -178,6 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--non-strict", action="store_true", help="allow keys missing from the checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing published model")
     s.set_defaults(fn=cmd_convert)
+
+    sh = sub.add_parser("shards", help="make and check webdataset shards").add_subparsers(
+        dest="shards_command", required=True, metavar="SHARDS_COMMAND")
+    s = sh.add_parser("make-builtin", help="generate a built-in dataset (fractals, scenes, digits) into shards")
+    s.add_argument("name", help="built-in dataset name")
+    s.add_argument("--out", required=True, help="output folder for 00000.tar, ... and sizes.json")
+    s.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--split", default="train", choices=["train", "val"])
+    s.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    s.set_defaults(fn=cmd_shards_make_builtin)
+    s = sh.add_parser("from-folder", help="shards from ROOT/CLASS/IMAGE folders (+ same-named .txt captions)")
+    s.add_argument("src", help="root folder with one sub-folder per class")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    s.set_defaults(fn=cmd_shards_from_folder)
+    s = sh.add_parser("check", help="decode every sample; per-shard counts, fields and problems")
+    s.add_argument("pattern", help="shards: 'dir/{00000..00009}.tar' or 'dir/*.tar'")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_shards_check)
     return p
 
 

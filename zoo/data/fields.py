@@ -1,0 +1,118 @@
+"""The one mapping between a webdataset sample's file extensions and zoo's field names.
+
+Reading: `jpg|jpeg|png|webp` -> `image`, `cls` -> `label`, `txt` -> `caption`, `json` -> `meta`,
+`seg.png` -> `mask`, `npy` -> `array`, and a named modality `NAME.png|jpg|npy|txt` -> `NAME`
+(e.g. `thermal.png` -> `thermal`). Writing uses the same table backwards, so shards we write read
+back field for field (and plain webdataset / img2dataset / timm / open_clip tools read them).
+"""
+
+from __future__ import annotations
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+FIXED: dict[str, str] = {"cls": "label", "txt": "caption", "json": "meta", "seg.png": "mask", "npy": "array"}
+FIXED.update({ext: "image" for ext in IMAGE_EXTS})
+# What a field is written as when it has no extension of its own.
+WRITE_EXT: dict[str, str] = {"image": "jpg", "label": "cls", "caption": "txt", "meta": "json", "mask": "seg.png", "array": "npy"}
+
+
+def field_of(ext: str) -> str:
+    """The zoo field name for a member extension: `jpg` -> `image`, `thermal.png` -> `thermal`."""
+    ext = ext.lower()
+    if ext in FIXED:
+        return FIXED[ext]
+    return ext.split(".", 1)[0]
+
+
+def ext_of(field: str, value: object = None) -> str:
+    """The member extension a field is written with: `image` -> `jpg`, `thermal` (an image) -> `thermal.png`."""
+    if field in WRITE_EXT:
+        return WRITE_EXT[field]
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return f"{field}.npy"
+    if isinstance(value, str):
+        return f"{field}.txt"
+    return f"{field}.png"  # other modalities are images (thermal, depth): lossless
+
+
+# -- bytes <-> values ---------------------------------------------------------------------------
+class FieldError(ValueError):
+    """A member whose bytes do not decode as its extension says; `reason` names the skip counter."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _image(data: bytes, mode: str | None):
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now: truncated or garbage bytes fail here, not in a transform
+    return img.convert(mode) if mode and img.mode != mode else img
+
+
+def decode_field(field: str, ext: str, data: bytes):
+    """The python value of one member: PIL image, int label, str, dict, or numpy array."""
+    import io
+    import json
+
+    import numpy as np
+
+    last = ext.rsplit(".", 1)[-1].lower()
+    try:
+        if field == "label":
+            return int(data.decode("ascii").strip())
+        if field == "mask":
+            return np.array(_image(data, None))
+        if last in IMAGE_EXTS:
+            return _image(data, "RGB" if field == "image" else None)
+        if last in ("txt", "cls"):
+            return data.decode("utf-8")
+        if last == "json":
+            return json.loads(data.decode("utf-8"))
+        if last == "npy":
+            return np.load(io.BytesIO(data), allow_pickle=False)
+    except (UnicodeDecodeError, ValueError) as e:
+        reason = {"label": "bad_label", "caption": "bad_text", "meta": "bad_json"}.get(field, f"bad_{field}")
+        raise FieldError(reason, str(e)[:120]) from None
+    except Exception as e:  # PIL raises many types on garbage bytes
+        reason = "undecodable_image" if field == "image" else f"undecodable_{field}"
+        raise FieldError(reason, f"{type(e).__name__}: {str(e)[:120]}") from None
+    return data
+
+
+def encode_field(field: str, value, *, image_format: str = "jpg", quality: int = 95) -> tuple[str, bytes]:
+    """(member extension, bytes) for one field value, the inverse of `decode_field`."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    ext = ext_of(field, value)
+    if field == "image":
+        ext = image_format
+    if isinstance(value, bytes):
+        return ext, value
+    if field == "label":
+        return ext, str(int(value)).encode()
+    if isinstance(value, str):
+        return ext, value.encode("utf-8")
+    if field == "meta" or isinstance(value, dict):
+        return ext, json.dumps(value).encode("utf-8")
+    if field == "mask" and isinstance(value, np.ndarray):
+        value = Image.fromarray(value.astype(np.uint8))
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext.rsplit(".", 1)[-1]]
+        value.save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+        return ext, buf.getvalue()
+    if isinstance(value, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return ext, buf.getvalue()
+    raise TypeError(f"cannot encode field {field!r} of type {type(value).__name__}")
