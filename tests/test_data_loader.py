@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from zoo.data.loader import loader
+from zoo.data import loader
 from zoo.data.shards import DataError, check_shards, dataset_size, write_shards
 
 

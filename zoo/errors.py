@@ -32,3 +32,7 @@ class CheckpointMismatchError(ZooError):
 
 class ConfigError(ZooError):
     """A malformed or inconsistent configuration or model card."""
+
+
+class DataError(ZooError):
+    """Shards that cannot be read as asked: no match, a missing file, too few for the workers."""

@@ -1,1 +1,10 @@
-"""zoo.data: one webdataset loader for every method and eval, shard tools, built-in datasets."""
+"""zoo.data: one webdataset loader for every method and eval, shard tools, built-in datasets.
+
+    from zoo.data import loader
+    batches = loader("shards/train-{00000..00015}.tar", fields=("image", "label"), transform=..., batch_size=64)
+"""
+
+from zoo.data.pipeline import Loader, loader
+from zoo.data.shards import DataError, check_shards, dataset_size, write_shards
+
+__all__ = ["loader", "Loader", "DataError", "dataset_size", "write_shards", "check_shards"]

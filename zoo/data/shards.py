@@ -21,16 +21,12 @@ from typing import Any, Iterable, Iterator
 import braceexpand
 
 from zoo.data.fields import FieldError, decode_field, encode_field, field_of
-from zoo.errors import ZooError
+from zoo.errors import DataError
 from zoo.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 REMOTE_PREFIXES = ("http://", "https://", "pipe:", "gs://", "s3://", "hf://", "ais://", "sftp://", "scp://")
-
-
-class DataError(ZooError):
-    """Shards that cannot be read as asked (no match, too few for the workers, ...)."""
 
 
 def expand_sources(pattern: str | list[str]) -> list[list[str]]:
