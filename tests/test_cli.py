@@ -56,3 +56,38 @@ def test_installed_entry_point_runs():
     assert out.returncode == 0 and "list" in out.stdout and "info" in out.stdout
     out = subprocess.run([sys.executable, "-m", "zoo", "list", "resnet*"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "resnet50" in out.stdout
+
+
+def test_shards_from_folder_then_check(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for c, cls in enumerate(["cat", "dog"]):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(3):
+            p = tmp_path / "src" / cls / f"{i}.png"
+            Image.fromarray(np.full((8, 8, 3), 50 * c + i, np.uint8)).save(p)
+            if i == 0:
+                p.with_suffix(".txt").write_text(f"a {cls}")
+    assert main(["shards", "from-folder", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--maxcount", "4"]) == 0
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 4, "00001.tar": 2}
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["classes"] == ["cat", "dog"] and info["num_samples"] == 6
+    capsys.readouterr()
+    assert main(["shards", "check", str(tmp_path / "out" / "*.tar")]) == 0
+    out = capsys.readouterr().out
+    assert "00000.tar  4" in out and "caption,image,label" in out
+    from zoo.data import loader
+
+    got = list(loader(str(tmp_path / "out" / "*.tar"), fields=("image", "label"), optional_fields=("caption",),
+                      batch_size=None, shuffle=0))
+    assert [s["label"] for s in got] == [0, 0, 0, 1, 1, 1]
+    assert got[3]["caption"] == "a dog" and np.asarray(got[4]["image"])[0, 0, 0] == 51  # png bytes kept: lossless
+
+
+def test_shards_check_fails_on_a_bad_shard(tmp_path, capsys):
+    (tmp_path / "00000.tar").write_bytes(b"\0" * 100)  # not a tar
+    assert main(["shards", "check", str(tmp_path / "*.tar")]) == 1
+    assert "bad_tar" in capsys.readouterr().out
+    assert main(["shards", "check", str(tmp_path / "nope-{0..3}.tar")]) == 2
+    assert "shard not found" in capsys.readouterr().err
