@@ -28,7 +28,7 @@ def _check(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) 
 
 @torch.no_grad()
 def topk_neighbours(
-    train: torch.Tensor, test: torch.Tensor, k: int, *, query_chunk: int = 1024, train_chunk: int = 65536
+    train: torch.Tensor, test: torch.Tensor, k: int, *, query_chunk: int = 256, train_chunk: int = 32768
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarities, indices) of the k most similar train rows for each test row, best first.
 
@@ -51,6 +51,26 @@ def topk_neighbours(
     return torch.cat(sims), torch.cat(idxs)
 
 
+def _prepare(train, train_labels, test, num_classes):
+    _check(train, train_labels, test)
+    train_labels = train_labels.long()
+    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
+    return F.normalize(train.float(), dim=1), train_labels, F.normalize(test.float(), dim=1), num_classes
+
+
+def _chunk_scores(train, train_labels, q, ks, temperature, num_classes, train_chunk) -> dict[int, torch.Tensor]:
+    kmax = min(max(ks), len(train))
+    sims, idx = topk_neighbours(train, q, kmax, query_chunk=len(q), train_chunk=train_chunk)
+    weights = (sims / temperature).exp()
+    labels = train_labels[idx]
+    out = {}
+    for k in sorted(set(ks)):
+        kk = min(k, kmax)
+        scores = torch.zeros(len(q), num_classes, dtype=weights.dtype)
+        out[k] = scores.scatter_add_(1, labels[:, :kk], weights[:, :kk])
+    return out
+
+
 @torch.no_grad()
 def knn_scores(
     train: torch.Tensor,
@@ -60,26 +80,40 @@ def knn_scores(
     ks: Sequence[int] = DEFAULT_KS,
     temperature: float = 0.07,
     num_classes: int | None = None,
-    query_chunk: int = 1024,
-    train_chunk: int = 65536,
+    query_chunk: int = 256,
+    train_chunk: int = 32768,
 ) -> dict[int, torch.Tensor]:
     """Class scores (N_test, C) for each k: sum over the k nearest of exp(cos/T) per class."""
-    _check(train, train_labels, test)
-    train = F.normalize(train.float(), dim=1)
-    test = F.normalize(test.float(), dim=1)
-    train_labels = train_labels.long()
-    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
-    kmax = min(max(ks), len(train))
-    sims, idx = topk_neighbours(train, test, kmax, query_chunk=query_chunk, train_chunk=train_chunk)
-    weights = (sims / temperature).exp()
-    labels = train_labels[idx]
-    out = {}
-    for k in sorted(set(ks)):
-        kk = min(k, kmax)
-        scores = torch.zeros(len(test), num_classes, dtype=weights.dtype)
-        scores.scatter_add_(1, labels[:, :kk], weights[:, :kk])
-        out[k] = scores
-    return out
+    train, train_labels, test, num_classes = _prepare(train, train_labels, test, num_classes)
+    parts = [
+        _chunk_scores(train, train_labels, test[q0 : q0 + query_chunk], ks, temperature, num_classes, train_chunk)
+        for q0 in range(0, len(test), query_chunk)
+    ]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
+def knn_predict(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    top: int = 5,
+    query_chunk: int = 256,
+    train_chunk: int = 32768,
+) -> dict[int, torch.Tensor]:
+    """The `top` best classes (N_test, top) for each k, best first; memory bounded per query chunk."""
+    train, train_labels, test, num_classes = _prepare(train, train_labels, test, num_classes)
+    top = min(top, num_classes)
+    preds: dict[int, list[torch.Tensor]] = {k: [] for k in sorted(set(ks))}
+    for q0 in range(0, len(test), query_chunk):
+        q = test[q0 : q0 + query_chunk]
+        for k, s in _chunk_scores(train, train_labels, q, ks, temperature, num_classes, train_chunk).items():
+            preds[k].append(s.topk(top, dim=1).indices)
+    return {k: torch.cat(v) for k, v in preds.items()}
 
 
 def knn_eval(
@@ -100,11 +134,10 @@ def knn_eval(
             f"test labels {sorted(unseen)[:10]} never occur in train: kNN cannot predict them; check the splits"
         )
     num_classes = int(classes.max()) + 1
-    scores = knn_scores(train, train_labels, test, ks=ks, temperature=temperature, num_classes=num_classes, **chunks)
+    preds = knn_predict(train, train_labels, test, ks=ks, temperature=temperature, num_classes=num_classes, **chunks)
     results: dict[str, float] = {}
     test_labels = test_labels.long()
-    for k, s in scores.items():
-        ranked = s.topk(min(5, num_classes), dim=1).indices
+    for k, ranked in preds.items():
         results[f"top1_k{k}"] = 100.0 * (ranked[:, 0] == test_labels).float().mean().item()
         if len(classes) >= 5:
             results[f"top5_k{k}"] = 100.0 * (ranked == test_labels[:, None]).any(1).float().mean().item()

@@ -195,6 +195,65 @@ def cmd_shards_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _model_for_eval(name: str):
+    """A published model by name, or a registered architecture with random weights (said loudly)."""
+    import zoo
+    from zoo.errors import UnknownNameError
+    from zoo.factory import split_name
+    from zoo.registry import MODELS
+
+    try:
+        return zoo.load(name)
+    except UnknownNameError:
+        if split_name(name)[0] not in MODELS:
+            raise
+        print(f"note: {name} has no published weights; evaluating it with RANDOM weights", file=sys.stderr)
+        return zoo.create_model(name).eval()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from zoo.eval.features import extract_features
+    from zoo.eval.knn import knn_eval
+    from zoo.eval.linear import linear_probe, logistic_regression
+    from zoo.hub import zoo_home
+
+    model = _model_for_eval(args.model)
+    if not hasattr(model, "blocks"):
+        variants = ["cls"]  # a CNN: its pooled output
+    else:
+        default = ["cls"] if args.protocol == "knn" else ["cls", "cls+avg", f"last{min(4, len(model.blocks))}"]
+        variants = args.pooling or default
+    cache = None if args.no_cache else zoo_home() / "features"
+    kw = dict(variants=variants, batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache)
+    xtr, ytr = extract_features(model, args.train, desc="train features", **kw)
+    xva, yva = extract_features(model, args.val, desc="val features", **kw)
+    if args.protocol == "knn":
+        res = knn_eval(xtr[variants[0]], ytr, xva[variants[0]], yva, ks=args.k, temperature=args.temperature)
+        rows = [{"metric": k, "value": f"{v:.2f}"} for k, v in res.items()]
+        record = {f"knn_{k}": round(v, 2) for k, v in res.items()}
+    elif args.solver == "lbfgs":
+        probe = logistic_regression(xtr[variants[0]], ytr, xva[variants[0]], yva, seed=args.seed)
+        res = probe.as_dict()
+        rows = [{"metric": "top1", "value": f"{probe.top1:.2f}"}, {"metric": "best", "value": json.dumps(probe.best)}]
+        record = {"linear_top1": round(probe.top1, 2)}
+    else:
+        probe = linear_probe(xtr, ytr, xva, yva, epochs=args.epochs, seed=args.seed)
+        res = probe.as_dict()
+        rows = [{"metric": f"heldout {r['features']} lr={r['lr']:g}", "value": f"{r['heldout_top1']:.2f}"} for r in probe.grid]
+        rows.append({"metric": f"VAL top1 ({probe.best['features']}, lr={probe.best['lr']:g})", "value": f"{probe.top1:.2f}"})
+        record = {"linear_top1": round(probe.top1, 2)}
+    print_table(rows, ["metric", "value"])
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "protocol": args.protocol, "train": args.train,
+                                              "val": args.val, "variants": variants, "results": res}, indent=2))
+    if args.record:
+        from zoo.hub import record_eval
+
+        record_eval(args.model, args.task or Path(str(args.val)).parent.name, record)
+        print(f"recorded in the card of {args.model}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
 
@@ -223,6 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--non-strict", action="store_true", help="allow keys missing from the checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing published model")
     s.set_defaults(fn=cmd_convert)
+
+    ev = sub.add_parser("eval", help="evaluate a model's frozen features (knn, linear)").add_subparsers(
+        dest="protocol", required=True, metavar="PROTOCOL")
+    for proto, helptext in (("knn", "weighted kNN (DINO protocol)"), ("linear", "linear-probe grid, selected on held-out train")):
+        s = ev.add_parser(proto, help=helptext)
+        s.add_argument("model", help="published name, path, or architecture (random weights)")
+        s.add_argument("--train", required=True, help="train shards, e.g. 'data/digits/train/*.tar'")
+        s.add_argument("--val", required=True, help="val shards")
+        s.add_argument("--pooling", nargs="+", help="feature variants: cls avg cls+avg lastN spacedN")
+        s.add_argument("--batch-size", type=int, default=128)
+        s.add_argument("--workers", type=int, default=0)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+        s.add_argument("--out", help="write the results as JSON here")
+        s.add_argument("--record", action="store_true", help="add the results to the published model's card")
+        s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
+        if proto == "knn":
+            s.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+            s.add_argument("--temperature", type=float, default=0.07)
+        else:
+            s.add_argument("--epochs", type=int, default=30)
+            s.add_argument("--solver", choices=["sgd", "lbfgs"], default="sgd",
+                           help="sgd: the grid over lrs and features; lbfgs: logistic regression (small sets)")
+        s.set_defaults(fn=cmd_eval)
 
     sh = sub.add_parser("shards", help="make and check webdataset shards").add_subparsers(
         dest="shards_command", required=True, metavar="SHARDS_COMMAND")

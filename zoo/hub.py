@@ -209,6 +209,17 @@ def publish(
     return dest
 
 
+def record_eval(name: str, task: str, results: dict[str, Any]) -> Path:
+    """Merge eval results into a published model's card (`zoo list` then shows them)."""
+    path = Path(name) if (Path(name) / CONFIG_FILE).is_file() else store_dir() / name
+    card = read_card(path)
+    card.setdefault("eval", {}).setdefault(task, {}).update(results)
+    tmp = path / f".{CONFIG_FILE}.part"
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, path / CONFIG_FILE)
+    return path
+
+
 # -- download ------------------------------------------------------------------------------------
 def parse_pinned_url(url: str, sha256: str | None = None) -> tuple[str, str]:
     """Split `URL#sha256=HEX` into (URL, hex); a remote file must be pinned."""

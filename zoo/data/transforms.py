@@ -92,6 +92,7 @@ def data_config(cfg: Mapping[str, Any] | Any) -> DataConfig:
     if any(s <= 0 for s in stats["std"]):
         raise ConfigError(f"pretrained_cfg std must be positive, got {stats['std']}")
     interp = raw.get("interpolation") or _DEFAULTS["interpolation"]
+    interp = interp.value if isinstance(interp, v2.InterpolationMode) else interp
     _interpolation(interp, "pretrained_cfg interpolation")
     crop_pct = raw.get("crop_pct")
     crop_pct = _DEFAULTS["crop_pct"] if crop_pct is None else crop_pct
@@ -179,9 +180,8 @@ def _to_normalized(dc: DataConfig) -> list[v2.Transform]:
 def _eval_geometry(dc: DataConfig, crop_pct: float, interp: v2.InterpolationMode) -> list[v2.Transform]:
     h, w = dc.size
     # timm: the shorter side goes to floor(size / crop_pct), never below the crop itself.
-    resize: int | tuple[int, int] = max(h, int(h / crop_pct)) if h == w else (
-        max(h, int(h / crop_pct)), max(w, int(w / crop_pct))
-    )
+    rh, rw = max(h, int(h / crop_pct)), max(w, int(w / crop_pct))
+    resize: int | tuple[int, int] = rh if h == w else (rh, rw)
     return [_Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop((h, w))]
 
 
@@ -191,19 +191,21 @@ def _photometric(
 ) -> list[v2.Transform]:
     """Photometric ops on a PIL or uint8 image, in DINO's order (jitter, grey, blur, solarize)."""
     ops: list[v2.Transform] = []
-    if _is_real(color_jitter):
+    if _is_real(color_jitter) and color_jitter >= 0:
         jitter = (float(color_jitter),) * 3 + (0.0,) if color_jitter > 0 else None
-    elif _is_seq(color_jitter) and len(color_jitter) in (3, 4) and all(_is_real(v) for v in color_jitter):
+    elif _is_seq(color_jitter) and len(color_jitter) in (3, 4) and all(_is_real(v) and v >= 0 for v in color_jitter):
         jitter = tuple(float(v) for v in color_jitter) + (0.0,) * (4 - len(color_jitter))
     else:
-        raise ConfigError(f"color_jitter must be a number or (brightness, contrast, saturation[, hue]), got {color_jitter!r}")
+        raise ConfigError(
+            f"color_jitter must be a number >= 0 or (brightness, contrast, saturation[, hue]), got {color_jitter!r}"
+        )
     if jitter is not None and any(jitter) and _prob(color_jitter_p, "color_jitter_p") > 0:
         ops.append(v2.RandomApply([v2.ColorJitter(*jitter)], p=color_jitter_p))
     if _prob(grayscale, "grayscale") > 0:
         ops.append(v2.RandomGrayscale(p=grayscale))
     if _prob(blur, "blur") > 0:
-        k = min(9, 2 * min(size) - 1)  # DINOv2's kernel for sigma in (0.1, 2)
-        ops.append(v2.RandomApply([v2.GaussianBlur(k | 1, sigma=(0.1, 2.0))], p=blur))
+        kernel = min(9, 2 * min(size) - 1)  # DINOv2's kernel for sigma in (0.1, 2); odd, fits the image
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
     if _prob(solarize, "solarize") > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=solarize))
     return ops
@@ -331,7 +333,9 @@ class MultiCrop:
                             solarize=solarize[min(i, 1)], **common)
             for i in range(n_global)
         ]
-        local = train_transform(dc, size=self.local_size, scale=local_scale, blur=blur[2], solarize=solarize[2], **common)
+        local = train_transform(
+            dc, size=self.local_size, scale=local_scale, blur=blur[2], solarize=solarize[2], **common
+        )
         self.views += [local] * n_local
         self.n_global, self.n_local = n_global, n_local
 
@@ -396,8 +400,9 @@ class PairedTransform:
             raise SampleError(f"PairedTransform needs an 'image' field; the sample has {sorted(sample)}")
         names = self.modalities
         if names is None:
-            names = tuple(k for k, v in sample.items() if isinstance(v, Image.Image) and k not in ("image", self.mask_field))
-        group: dict[str, Any] = {"image": F.to_image(self.channels(sample["image"]))}
+            skip = ("image", self.mask_field)
+            names = tuple(k for k, v in sample.items() if isinstance(v, Image.Image) and k not in skip)
+        group: dict[str, Any] = {"image": self.channels(F.to_image(sample["image"]))}
         for name in names:
             if sample.get(name) is not None:
                 group[name] = _modality(sample[name], name)
@@ -405,7 +410,7 @@ class PairedTransform:
             group[self.mask_field] = _mask(sample[self.mask_field])
         sizes = {k: tuple(v.shape[-2:]) for k, v in group.items()}
         if len(set(sizes.values())) > 1:
-            raise SampleError(f"per-pixel fields differ in size (H, W): {sizes}; they must match to be cropped together")
+            raise SampleError(f"per-pixel fields differ in size (H, W): {sizes}; they must match to crop together")
         group = self.geometry(group)
         out = dict(sample)
         out["image"] = self.image_tail(group.pop("image"))
@@ -420,7 +425,7 @@ class PairedTransform:
 
 
 def _mask(value: Any) -> tv_tensors.Mask:
-    m = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+    m = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
     if m.ndim == 3 and m.shape[0] == 1:
         m = m[0]
     if m.ndim != 2:
@@ -473,7 +478,7 @@ def choose_caption(
     Returns (name, text).
     """
     if not isinstance(probabilities, Mapping) or not probabilities:
-        raise ConfigError(f"caption probabilities must be a non-empty {{name: probability}} dict, got {probabilities!r}")
+        raise ConfigError(f"caption probabilities must be a non-empty {{name: probability}} dict, got {probabilities}")
     for name, p in probabilities.items():
         if not (_is_real(p) and p >= 0):
             raise ConfigError(f"caption probability for {name!r} must be a finite number >= 0, got {p!r}")
@@ -481,7 +486,8 @@ def choose_caption(
     total = sum(probabilities[n] for n in present)
     if not present:
         meta = sample.get("meta")
-        in_meta = sorted(meta["captions"]) if isinstance(meta, Mapping) and isinstance(meta.get("captions"), Mapping) else []
+        captions = meta.get("captions") if isinstance(meta, Mapping) else None
+        in_meta = sorted(captions) if isinstance(captions, Mapping) else []
         raise SampleError(
             f"sample {sample.get('__key__', '')!r} has none of the captions {sorted(probabilities)} (with p > 0); "
             f"it has fields {sorted(k for k in sample if not k.startswith('__'))} and meta captions {in_meta}. "
