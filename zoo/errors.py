@@ -36,3 +36,7 @@ class ConfigError(ZooError):
 
 class DataError(ZooError):
     """Shards that cannot be read as asked: no match, a missing file, too few for the workers."""
+
+
+class SampleError(ZooError, ValueError):
+    """A sample that lacks what a transform needs: no caption to choose, a mask of another size."""

@@ -12,7 +12,6 @@ worker, so `torch.manual_seed(s)` fixes every view.
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import random
@@ -27,7 +26,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from zoo.errors import ConfigError, ZooError
+from zoo.errors import ConfigError, SampleError
+from zoo.registry import close_matches
 
 # "nearest" means pixel-centre aligned nearest (PIL's, and torch's nearest-exact): it lines up with
 # bilinear/bicubic, where torch's legacy "nearest" is shifted by half a pixel.
@@ -39,10 +39,6 @@ INTERPOLATIONS: dict[str, v2.InterpolationMode] = {
 }
 _MASK_INTERPOLATION = v2.InterpolationMode.NEAREST_EXACT
 _DEFAULTS = {"interpolation": "bicubic", "crop_pct": 0.875}  # timm's, for cfgs that leave them out
-
-
-class SampleError(ZooError, ValueError):
-    """A sample that lacks what a transform needs: no caption to choose, a mask of another size."""
 
 
 # -- the model's preprocessing -------------------------------------------------------------------
@@ -116,7 +112,7 @@ def _interpolation(name: Any, what: str = "interpolation") -> v2.InterpolationMo
     if isinstance(name, v2.InterpolationMode):
         return name
     if name not in INTERPOLATIONS:
-        close = difflib.get_close_matches(str(name), list(INTERPOLATIONS), n=1)
+        close = close_matches(str(name), list(INTERPOLATIONS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{what} {name!r} is not one of {sorted(INTERPOLATIONS)}{hint}")
     return INTERPOLATIONS[name]

@@ -1,0 +1,57 @@
+"""Built-in datasets: generated (or, for digits, bundled with scikit-learn), never downloaded, and
+deterministic from a seed.
+
+    from zoo.data.builtin import generate
+    for s in generate("scenes", 1000, seed=0, size=32, split="train"):
+        s["__key__"], s["image"], s["label"], s["caption"], s["mask"], s["thermal"], s["depth"]
+
+| name       | classes                | fields                                                   |
+|------------|------------------------|----------------------------------------------------------|
+| `fractals` | `num_classes` IFS (10) | image, label, meta                                       |
+| `scenes`   | 6 shape types          | image, label, caption, meta, mask, thermal, depth        |
+| `digits`   | 10 digits (real data)  | image, label, meta (split sizes: 1438 train / 359 val)   |
+
+A sample is a dict of decoded values under zoo field names (`zoo.data.fields`): `__key__` is the
+sample index as 9 digits, `image` an RGB PIL image of `size` x `size`, `label` an int, `meta` a
+JSON-serialisable dict, `mask` a uint8 numpy array, other modalities PIL "L" images. Sample `i`
+depends only on (seed, split, i): not on `n`, on `start`, or on the order of generation, so
+`generate(name, n, start=k)` can split the work between processes. "train" and "val" hold different
+instances of the same classes. `digits` returns fewer than `n` samples when the split has fewer;
+the registered meta `max_samples` gives each split's size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from zoo.data.builtin import digits, fractals, scenes
+from zoo.registry import DATASETS
+
+__all__ = ["generate", "digits", "fractals", "scenes"]
+
+DATASETS.register(
+    "fractals", fractals.generate, num_classes=fractals.NUM_CLASSES, fields=fractals.FIELDS,
+    description="FractalDB-style classes of random iterated function systems (chaos game), with "
+                "per-instance perturbation, rotation/flip, colour and background; `num_classes` kw (default 10)",
+    paper="Kataoka et al. 2020; Anderson & Farrell 2022 (Improving Fractal Pre-training)",
+)
+DATASETS.register(
+    "scenes", scenes.generate, num_classes=scenes.NUM_CLASSES, classes=scenes.SHAPES, fields=scenes.FIELDS,
+    description="1-3 coloured shapes on textured backgrounds; label = shape of the largest; mask, exact/short/noisy "
+                "captions with quality scores, thermal-like and depth-like renderings of the same scene",
+)
+DATASETS.register(
+    "digits", digits.generate, num_classes=digits.NUM_CLASSES, classes=tuple(str(d) for d in range(10)),
+    fields=digits.FIELDS, max_samples=dict(digits.SPLIT_SIZES),
+    description="scikit-learn's real 8x8 handwritten digits upsampled to `size`, fixed stratified 80/20 train/val split",
+)
+
+
+def generate(name: str, n: int, *, seed: int = 0, size: int = 32, split: str = "train", **kw: Any) -> Iterator[dict[str, Any]]:
+    """`n` samples (fewer where a split holds fewer) of built-in dataset `name` as decoded field dicts.
+
+    Raises `zoo.errors.UnknownNameError` (with close names) for an unknown dataset or split,
+    ValueError for a bad n / seed / size. Extra keywords go to the dataset (`num_classes=` for
+    fractals; `start=` for all: the index of the first sample).
+    """
+    return DATASETS.get(name).factory(n, seed=seed, size=size, split=split, **kw)
