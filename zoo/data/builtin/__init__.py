@@ -43,11 +43,13 @@ DATASETS.register(
 DATASETS.register(
     "digits", digits.generate, num_classes=digits.NUM_CLASSES, classes=tuple(str(d) for d in range(10)),
     fields=digits.FIELDS, max_samples=dict(digits.SPLIT_SIZES),
-    description="scikit-learn's real 8x8 handwritten digits upsampled to `size`, fixed stratified 80/20 train/val split",
+    description="scikit-learn's real 8x8 handwritten digits upsampled to `size`, "
+                "fixed stratified 80/20 train/val split",
 )
 
 
-def generate(name: str, n: int, *, seed: int = 0, size: int = 32, split: str = "train", **kw: Any) -> Iterator[dict[str, Any]]:
+def generate(name: str, n: int, *, seed: int = 0, size: int = 32, split: str = "train",
+             **kw: Any) -> Iterator[dict[str, Any]]:
     """`n` samples (fewer where a split holds fewer) of built-in dataset `name` as decoded field dicts.
 
     Raises `zoo.errors.UnknownNameError` (with close names) for an unknown dataset or split,

@@ -68,7 +68,8 @@ def render(index: int, size: int) -> Image.Image:
     return img.convert("RGB")
 
 
-def generate(n: int, *, seed: int = 0, size: int = 32, split: str = "train", start: int = 0) -> Iterator[dict[str, Any]]:
+def generate(n: int, *, seed: int = 0, size: int = 32, split: str = "train",
+             start: int = 0) -> Iterator[dict[str, Any]]:
     """Samples `start .. start + n - 1` of the split's seed-shuffled order, fewer if the split ends first."""
     sid = check_args("digits", n, seed, size, split, start)
     order = _order(int(seed), sid, split)

@@ -42,7 +42,7 @@ STEPS = 24  # recorded steps per chain
 MARGIN = 0.06  # canvas fraction left empty on each side
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class IFS:
     """An iterated function system in the parametrisation the perturbations act on (one row per map)."""
 
@@ -84,11 +84,13 @@ def random_ifs(rng: np.random.Generator) -> IFS:
     """A random contractive system of 2-4 maps whose sigma factor is in the well-filled band."""
     k = int(rng.integers(2, 5))
     target = rng.uniform(0.5 * (5 + k) - 0.5, 0.5 * (5 + k) + 0.5)  # sum over maps of s1 + 2 s2
-    while True:
+    while True:  # split the target between the maps, then each part into s1 + 2 s2 with s2 <= s1 < 1
         parts = rng.dirichlet(np.full(k, 4.0)) * target
+        if np.any(parts / 3 > MAX_SINGULAR):
+            continue
         s1 = rng.uniform(parts / 3, np.minimum(parts, MAX_SINGULAR))
         s2 = (parts - s1) / 2
-        if np.all(parts / 3 <= MAX_SINGULAR) and np.all(s2 <= s1) and np.all(s2 > 0.02):
+        if np.all(s2 <= s1) and np.all(s2 > 0.02):
             break
     return IFS(theta=rng.uniform(0, 2 * np.pi, k), phi=rng.uniform(0, 2 * np.pi, k), s1=s1, s2=s2,
                d=rng.choice([-1.0, 1.0], k), b=rng.uniform(-1, 1, (k, 2)))
@@ -211,10 +213,17 @@ def render(ifs: IFS, rng: np.random.Generator, size: int) -> tuple[np.ndarray, n
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), alpha
 
 
-def sample(i: int, *, seed: int = 0, size: int = 32, split: str = "train", num_classes: int = NUM_CLASSES) -> dict[str, Any]:
+def sample(i: int, *, seed: int = 0, size: int = 32, split: str = "train",
+           num_classes: int = NUM_CLASSES) -> dict[str, Any]:
     """Sample `i` of a split; its class and its look both come from (seed, split, i) alone."""
     sid = check_args("fractals", 0, seed, size, split, i)
-    return _sample(i, seed, size, sid, num_classes)
+    return _sample(i, seed, size, sid, _check_classes(num_classes))
+
+
+def _check_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"fractals: num_classes must be an integer >= 1, got {num_classes!r}")
+    return int(num_classes)
 
 
 def _sample(i: int, seed: int, size: int, sid: int, num_classes: int) -> dict[str, Any]:
@@ -229,6 +238,5 @@ def generate(n: int, *, seed: int = 0, size: int = 32, split: str = "train", num
              start: int = 0) -> Iterator[dict[str, Any]]:
     """`n` samples, indices `start .. start + n - 1`; labels uniform over `num_classes` classes."""
     sid = check_args("fractals", n, seed, size, split, start)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"fractals: num_classes must be an integer >= 1, got {num_classes!r}")
-    return (_sample(i, seed, size, sid, int(num_classes)) for i in range(start, start + n))
+    num_classes = _check_classes(num_classes)
+    return (_sample(i, seed, size, sid, num_classes) for i in range(start, start + n))

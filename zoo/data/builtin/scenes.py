@@ -30,6 +30,7 @@ Fields:
 
 from __future__ import annotations
 
+import colorsys
 import functools
 from typing import Any, Iterator
 
@@ -60,7 +61,7 @@ RING_INNER = 0.55
 # Shape geometry, in units of the equal-area radius r (a circle of radius r has the same area):
 # the circumradius R of each outline, chosen so that area == pi r^2.
 _STAR_INNER = 0.45
-_CROSS_HALF_WIDTH = 0.33  # of the arm length
+_CROSS_HALF_WIDTH = 0.28  # of the arm length
 _R = {
     "circle": 1.0,
     "square": float(np.sqrt(np.pi) / 2 * np.sqrt(2)),  # half side sqrt(pi)/2, R = half diagonal
@@ -170,8 +171,6 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _muted(rng: np.random.Generator) -> np.ndarray:
     """A random muted colour (low saturation, dark to mid value): never mistaken for a shape colour."""
-    import colorsys
-
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.12, 0.5))) * 255
 
 
@@ -333,7 +332,8 @@ def _sample(i: int, seed: int, size: int, sid: int) -> dict[str, Any]:
             "meta": meta, "mask": mask, "thermal": th, "depth": dp}
 
 
-def generate(n: int, *, seed: int = 0, size: int = 32, split: str = "train", start: int = 0) -> Iterator[dict[str, Any]]:
+def generate(n: int, *, seed: int = 0, size: int = 32, split: str = "train",
+             start: int = 0) -> Iterator[dict[str, Any]]:
     """`n` scenes, indices `start .. start + n - 1`."""
     sid = check_args("scenes", n, seed, size, split, start)
     return (_sample(i, seed, size, sid) for i in range(start, start + n))
