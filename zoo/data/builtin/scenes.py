@@ -88,6 +88,10 @@ _WORDS = ("abstract", "minimal", "art", "design", "background", "pattern", "vint
 
 
 # -- geometry ------------------------------------------------------------------------------------
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _outline(shape: str, cx: float, cy: float, r: float, rot: float) -> np.ndarray | None:
     """Polygon vertices (V, 2), counter-clockwise around the centre, or None for round shapes."""
     big = _R[shape] * r
@@ -321,7 +325,7 @@ def _sample(i: int, seed: int, size: int, sid: int) -> dict[str, Any]:
                         "temperature": o["temperature"], "depth": o["depth"], "z": o["z"]})
     label = SHAPES.index(objects[0]["shape"])
     exact = _exact_caption(objects, bg)
-    short = f"a {objects[0]['color']} {objects[0]['shape']}"
+    short = f"{_article(objects[0]['color'])} {objects[0]['color']} {objects[0]['shape']}"
     noisy, q_noisy, noisy_kind = _noisy_caption(objects, rng)
     q_short = {1: 0.8, 2: 0.65, 3: 0.55}[len(objects)]
     meta = {"dataset": "scenes", "class": label, "background": bg,
