@@ -236,7 +236,8 @@ def test_scene_captions_and_quality():
             assert f"{o['size']} {o['color']} {o['shape']}" in caps["exact"]
         assert caps["exact"].endswith(f"on a {scenes.BACKGROUNDS[meta['background']]} background")
         largest = meta["objects"][0]
-        assert caps["short"] == f"a {largest['color']} {largest['shape']}"
+        article = "an" if largest["color"][0] in "aeiou" else "a"
+        assert caps["short"] == f"{article} {largest['color']} {largest['shape']}"
         assert q["exact"] == 1.0 > q["short"] and q["exact"] > q["noisy"]
         assert all(0.0 <= v <= 1.0 for v in q.values())
         kind = meta["noisy_kind"]
