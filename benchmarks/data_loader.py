@@ -9,7 +9,7 @@ with the bytes passed through), the same transform, the same number of worker pr
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,19 +33,6 @@ def make_transform(crop: int) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ])
-
-
-TRANSFORM = None
-
-
-def _init(crop: int) -> None:
-    global TRANSFORM
-    TRANSFORM = make_transform(crop)
-
-
-def _decode_one(path: str) -> torch.Tensor:
-    with Image.open(path) as im:
-        return TRANSFORM(im.convert("RGB"))
 
 
 def prepare(root: Path, n: int, size: int) -> tuple[Path, Path]:
@@ -78,12 +65,14 @@ def bench_imagefolder(folder: Path, transform, batch: int, workers: int) -> tupl
     return n, time.perf_counter() - t
 
 
-def bench_ceiling(folder: Path, crop: int, workers: int) -> tuple[int, float]:
-    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+def bench_bare_loop(folder: Path, transform) -> tuple[int, float]:
+    """One process, no loader: read the file, decode with PIL, transform. Times `workers` give the ceiling."""
+    paths = sorted(folder.rglob("*.jpg"))
     t = time.perf_counter()
-    with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(crop,)) as pool:
-        n = sum(1 for _ in pool.imap_unordered(_decode_one, paths, chunksize=64))
-    return n, time.perf_counter() - t
+    for p in paths:
+        with Image.open(p) as im:
+            transform(im.convert("RGB"))
+    return len(paths), time.perf_counter() - t
 
 
 def main() -> None:
@@ -93,33 +82,33 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=32, help="transform output side (default 32)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per loader; the best is reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed epochs per loader (median reported)")
     args = p.parse_args()
     torch.set_num_threads(1)
     transform = make_transform(args.crop)
     with tempfile.TemporaryDirectory() as tmp:
         folder, shards = prepare(Path(tmp), args.n, args.size)
         runs = {
-            "bare PIL decode loop (ceiling)": lambda: bench_ceiling(folder, args.crop, args.workers),
+            "bare PIL decode loop, 1 process": lambda: bench_bare_loop(folder, transform),
             "torchvision ImageFolder + DataLoader": lambda: bench_imagefolder(folder, transform, args.batch, args.workers),
             "zoo.data.loader (webdataset shards)": lambda: bench_zoo(shards, transform, args.batch, args.workers),
         }
-        rates = {}
-        for name, run in runs.items():
-            best = 0.0
-            for _ in range(args.repeats):
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved, so drifting machine load hits every loader alike
+            for name, run in runs.items():
                 n, sec = run()
                 assert n == args.n, f"{name} read {n} of {args.n} images"
-                best = max(best, n / sec)
-            rates[name] = best
-    ceiling = rates["bare PIL decode loop (ceiling)"]
-    folder_rate = rates["torchvision ImageFolder + DataLoader"]
-    print(f"\n{args.n} JPEGs of {args.size}px -> {args.crop}px crops, {args.workers} workers, batch {args.batch}, "
-          f"best of {args.repeats}\n")
-    print(f"{'loader':40s} {'img/s':>9s} {'vs ImageFolder':>15s} {'vs ceiling':>11s}")
+                rates[name].append(n / sec)
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    ceiling = med["bare PIL decode loop, 1 process"] * args.workers
+    folder_rate = med["torchvision ImageFolder + DataLoader"]
+    print(f"\n{args.n} JPEGs of {args.size}px -> {args.crop}px crops, {args.workers} workers, batch {args.batch}; "
+          f"median (min-max) of {args.repeats} interleaved runs\n")
+    print(f"{'loader':40s} {'img/s':>7s} {'(min-max)':>13s} {'vs ImageFolder':>15s} {'vs ceiling':>11s}")
     for name, r in rates.items():
-        print(f"{name:40s} {r:9.0f} {r / folder_rate:14.2f}x {r / ceiling:10.2f}x")
-
+        print(f"{name:40s} {med[name]:7.0f} {f'({min(r):.0f}-{max(r):.0f})':>13s} "
+              f"{med[name] / folder_rate:14.2f}x {med[name] / ceiling:10.2f}x")
+    print(f"\nceiling = the bare loop's rate x {args.workers} workers = {ceiling:.0f} img/s (perfect scaling, no IPC)")
 
 if __name__ == "__main__":
     main()

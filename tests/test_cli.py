@@ -7,7 +7,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import zoo
+import zoo.hub
 from zoo.cli import main
 
 
@@ -91,3 +94,49 @@ def test_shards_check_fails_on_a_bad_shard(tmp_path, capsys):
     assert "bad_tar" in capsys.readouterr().out
     assert main(["shards", "check", str(tmp_path / "nope-{0..3}.tar")]) == 2
     assert "shard not found" in capsys.readouterr().err
+
+
+def test_make_builtin_then_check(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    assert main(["shards", "make-builtin", "scenes", "--out", str(out), "--n", "120", "--maxcount", "50"]) == 0
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 50, "00001.tar": 50, "00002.tar": 20}
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["name"] == "scenes" and info["num_samples"] == 120
+    assert set(info["fields"]) == {"image", "label", "caption", "meta", "mask", "thermal", "depth"}
+    capsys.readouterr()
+    assert main(["shards", "check", str(out / "*.tar")]) == 0
+    assert "0 problem(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_knn_and_linear_on_digits(tmp_path, capsys):
+    """`zoo eval` end to end: built-in digits shards, a registered model with random weights."""
+    for split in ("train", "val"):
+        assert main(["shards", "make-builtin", "digits", "--split", split, "--n", "2000", "--out", str(tmp_path / split)]) == 0
+    train, val = str(tmp_path / "train" / "*.tar"), str(tmp_path / "val" / "*.tar")
+    capsys.readouterr()
+    assert main(["eval", "knn", "vit_nano_patch4_32", "--train", train, "--val", val, "--k", "10", "20",
+                 "--out", str(tmp_path / "knn.json")]) == 0
+    res = json.loads((tmp_path / "knn.json").read_text())["results"]
+    assert set(res) == {"top1_k10", "top5_k10", "top1_k20", "top5_k20"}
+    assert res["top1_k10"] > 30.0  # even random ViT features separate digits well above 10% chance
+    assert "RANDOM weights" in capsys.readouterr().err
+    assert main(["eval", "linear", "vit_nano_patch4_32", "--train", train, "--val", val, "--epochs", "5",
+                 "--out", str(tmp_path / "lin.json")]) == 0
+    lin = json.loads((tmp_path / "lin.json").read_text())["results"]
+    assert lin["top1"] > 40.0 and lin["best"]["features"] in {"cls", "cls+avg", "last4"}
+    out = capsys.readouterr().out
+    assert "VAL top1" in out and "heldout" in out
+
+
+def test_eval_record_adds_results_to_the_card(tmp_path, capsys):
+    zoo.publish(zoo.create_model("vit_nano_patch4_32"), "vit_nano_patch4_32.rec")
+    for split in ("train", "val"):
+        main(["shards", "make-builtin", "digits", "--split", split, "--n", "60", "--out", str(tmp_path / "digits" / split)])
+    assert main(["eval", "knn", "vit_nano_patch4_32.rec", "--train", str(tmp_path / "digits/train/*.tar"),
+                 "--val", str(tmp_path / "digits/val/*.tar"), "--k", "5", "--record", "--task", "digits"]) == 0
+    card = zoo.hub.read_card("vit_nano_patch4_32.rec")
+    assert set(card["eval"]["digits"]) == {"knn_top1_k5", "knn_top5_k5"}
+    capsys.readouterr()
+    main(["list", "vit_nano_patch4_32.rec"])
+    assert "digits knn_top1_k5" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from collections import Counter
@@ -140,13 +141,91 @@ def looks_truncated(url: str) -> bool:
         return False
 
 
+_WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members (e.g. __index__)
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def local_tar_members(path: str) -> Iterator[dict[str, Any]]:
+    """Regular members of a local uncompressed tar as {fname, data, __url__}, read through mmap.
+
+    The same members, in the same order, as webdataset's reader yields, several times faster on
+    small files (Python's tarfile parses each header field by field). ustar, GNU long names and
+    pax `path` records are understood; a bad header checksum or a cut member raises tarfile.ReadError."""
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise tarfile.ReadError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            off, long_name = 0, None
+            while off + 512 <= size:
+                block = buf[off : off + 512]
+                if block.count(0) == 512:
+                    return  # end-of-archive marker
+                stored = _octal(block[148:156])
+                if stored != sum(block[:148]) + 256 + sum(block[156:]):
+                    raise tarfile.ReadError(f"bad header checksum at byte {off}")
+                n = _octal(block[124:136])
+                kind = block[156:157]
+                start = off + 512
+                if start + n > size:
+                    raise tarfile.ReadError("unexpected end of data")
+                data = buf[start : start + n]
+                off = start + (n + 511) // 512 * 512
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    continue
+                if kind == b"x":
+                    for record in data.decode("utf-8", "surrogateescape").split("\n"):
+                        key, _, value = record.partition(" ")[2].partition("=")
+                        if key == "path":
+                            long_name = value
+                    continue
+                if kind not in (b"0", b"\0", b"7"):
+                    long_name = None
+                    continue  # directories, links, global pax headers
+                name = long_name or block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+                if prefix and not long_name:
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+                long_name = None
+                if _WDS_META.match(name):
+                    continue
+                yield {"fname": name, "data": data, "__url__": path}
+            if off < size:
+                raise tarfile.ReadError("unexpected end of data")
+
+
+def _tar_samples(url: str, handler) -> Iterator[dict[str, Any]]:
+    """Grouped samples of one shard: our mmap reader for local files, webdataset's for the rest."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys
+
+    if url.startswith(REMOTE_PREFIXES):
+        yield from wds.tarfile_samples([{"url": url}], handler=handler)
+        return
+
+    def members() -> Iterator[dict[str, Any]]:
+        try:
+            yield from local_tar_members(url)
+        except (tarfile.TarError, OSError) as exn:
+            handler(exn)
+
+    yield from group_by_keys(members(), handler=handler)
+
+
 def iter_raw_samples(urls: Iterable[str], counts: Counter) -> Iterator[dict[str, Any]]:
     """Samples as {__key__, __url__, ext: bytes} through webdataset's tar reader, shard by shard.
 
     Read errors are counted in `counts` by reason (one per broken shard) and reading goes on with
     the next shard; a shard that holds no sample and raised nothing counts as `empty_shard`."""
-    import webdataset as wds
-
     for url in urls:
         reasons: set[str] = set()
 
@@ -160,7 +239,7 @@ def iter_raw_samples(urls: Iterable[str], counts: Counter) -> Iterator[dict[str,
         n = 0
         truncated = looks_truncated(url)
         held = None  # in a truncated tar the last sample may be partial: hold it back, then drop it
-        for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+        for sample in _tar_samples(url, handler):
             n += 1
             if not truncated:
                 yield sample
@@ -209,7 +288,7 @@ def decode_sample(raw: dict[str, Any], required: tuple[str, ...], optional: tupl
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mtime = mtime
+    info.mtime = int(mtime)  # an integer: a float mtime makes tarfile add a PAX header per member
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
 
@@ -252,7 +331,7 @@ def write_shards(
             if tar is None or n_in_shard >= maxcount:
                 close()
                 tmp = out / f".{len(shards):05d}.tar.part"
-                tar = tarfile.open(tmp, "w")
+                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)  # plain headers: fastest to read
                 n_in_shard = 0
             key = str(sample.get("__key__", f"{i:09d}"))
             if "." in key or "/" in key:
