@@ -247,3 +247,11 @@ def test_len_and_drop_last(tmp_path):
     assert len(ld) == 4
     assert sum(len(b["label"]) for b in ld) == 20
     assert ld.skipped == Counter(dropped_last_batch=3)
+
+
+def test_png_bytes_in_a_jpg_member_still_decode(tmp_path):
+    buf = io.BytesIO()
+    img(42).save(buf, format="PNG")
+    raw_tar(tmp_path / "00000.tar", [("000000000.jpg", buf.getvalue()), ("000000000.cls", b"3")])
+    (s,) = list(loader(str(tmp_path / "00000.tar"), fields=("image", "label"), batch_size=None))
+    assert pixel(s) == 42 and s["label"] == 3

@@ -8,6 +8,12 @@ back field for field (and plain webdataset / img2dataset / timm / open_clip tool
 
 from __future__ import annotations
 
+import io
+import json
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FIXED: dict[str, str] = {"cls": "label", "txt": "caption", "json": "meta", "seg.png": "mask", "npy": "array"}
 FIXED.update({ext: "image" for ext in IMAGE_EXTS})
@@ -27,8 +33,6 @@ def ext_of(field: str, value: object = None) -> str:
     """The member extension a field is written with: `image` -> `jpg`, `thermal` (an image) -> `thermal.png`."""
     if field in WRITE_EXT:
         return WRITE_EXT[field]
-    import numpy as np
-
     if isinstance(value, np.ndarray):
         return f"{field}.npy"
     if isinstance(value, str):
@@ -45,31 +49,29 @@ class FieldError(ValueError):
         self.reason = reason
 
 
-def _image(data: bytes, mode: str | None):
-    import io
+_PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",)}
 
-    from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
+def _image(data: bytes, mode: str | None, ext: str = ""):
+    # the extension names the format, so PIL need not probe every plugin; a wrong one still fails clearly
+    try:
+        img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(ext))
+    except UnidentifiedImageError:  # e.g. PNG bytes in a .jpg member, common in scraped data
+        img = Image.open(io.BytesIO(data))
     img.load()  # decode now: truncated or garbage bytes fail here, not in a transform
     return img.convert(mode) if mode and img.mode != mode else img
 
 
 def decode_field(field: str, ext: str, data: bytes):
     """The python value of one member: PIL image, int label, str, dict, or numpy array."""
-    import io
-    import json
-
-    import numpy as np
-
     last = ext.rsplit(".", 1)[-1].lower()
     try:
         if field == "label":
             return int(data.decode("ascii").strip())
         if field == "mask":
-            return np.array(_image(data, None))
+            return np.array(_image(data, None, last))
         if last in IMAGE_EXTS:
-            return _image(data, "RGB" if field == "image" else None)
+            return _image(data, "RGB" if field == "image" else None, last)
         if last in ("txt", "cls"):
             return data.decode("utf-8")
         if last == "json":
@@ -87,12 +89,6 @@ def decode_field(field: str, ext: str, data: bytes):
 
 def encode_field(field: str, value, *, image_format: str = "jpg", quality: int = 95) -> tuple[str, bytes]:
     """(member extension, bytes) for one field value, the inverse of `decode_field`."""
-    import io
-    import json
-
-    import numpy as np
-    from PIL import Image
-
     ext = ext_of(field, value)
     if field == "image":
         ext = image_format

@@ -122,8 +122,11 @@ class ShardStream(IterableDataset):
             batch: list[Any] = []
             for sample in samples:
                 if self.transform is not None:
-                    with rng_scope():
+                    if rng_scope is None:
                         sample = self.transform(sample)
+                    else:
+                        with rng_scope():
+                            sample = self.transform(sample)
                 report.samples += 1
                 if self.batch_size is None:
                     yield sample
@@ -172,12 +175,7 @@ def _torch_rng(seed: int, in_worker: bool):
     process the stream is swapped in around each transform so training randomness is untouched."""
     if in_worker:
         torch.manual_seed(seed)
-
-        @contextmanager
-        def scope():
-            yield
-
-        yield scope
+        yield None  # nothing to swap per sample
         return
     state = torch.Generator().manual_seed(seed).get_state()
 
