@@ -94,8 +94,10 @@ def main() -> None:
             "zoo.data.loader (webdataset shards)": lambda: bench_zoo(shards, transform, args.batch, args.workers),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved, so drifting machine load hits every loader alike
-            for name, run in runs.items():
+        names = list(runs)
+        for r in range(args.repeats):  # interleaved and rotated, so drifting load hits every loader alike
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                run = runs[name]
                 n, sec = run()
                 assert n == args.n, f"{name} read {n} of {args.n} images"
                 rates[name].append(n / sec)
@@ -103,7 +105,7 @@ def main() -> None:
     ceiling = med["bare PIL decode loop, 1 process"] * args.workers
     folder_rate = med["torchvision ImageFolder + DataLoader"]
     print(f"\n{args.n} JPEGs of {args.size}px -> {args.crop}px crops, {args.workers} workers, batch {args.batch}; "
-          f"median (min-max) of {args.repeats} interleaved runs\n")
+          f"median (min-max) of {args.repeats} interleaved, rotated runs\n")
     print(f"{'loader':40s} {'img/s':>7s} {'(min-max)':>13s} {'vs ImageFolder':>15s} {'vs ceiling':>11s}")
     for name, r in rates.items():
         print(f"{name:40s} {med[name]:7.0f} {f'({min(r):.0f}-{max(r):.0f})':>13s} "
