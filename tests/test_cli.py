@@ -140,3 +140,13 @@ def test_eval_record_adds_results_to_the_card(tmp_path, capsys):
     capsys.readouterr()
     main(["list", "vit_nano_patch4_32.rec"])
     assert "digits knn_top1_k5" in capsys.readouterr().out
+
+
+def test_eval_dense_on_scenes(tmp_path, capsys):
+    for split, n in (("train", 30), ("val", 10)):
+        main(["shards", "make-builtin", "scenes", "--split", split, "--n", str(n), "--out", str(tmp_path / split)])
+    assert main(["eval", "dense", "vit_nano_patch4_32", "--train", str(tmp_path / "train/*.tar"),
+                 "--val", str(tmp_path / "val/*.tar"), "--epochs", "2", "--out", str(tmp_path / "d.json")]) == 0
+    res = json.loads((tmp_path / "d.json").read_text())["results"]
+    assert 0.0 <= res["metrics"]["mIoU"] <= 100.0 and "0" in {str(k) for k in res["per_class_iou"]}
+    assert "VAL mIoU" in capsys.readouterr().out

@@ -242,16 +242,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = [{"metric": f"heldout {r['features']} lr={r['lr']:g}", "value": f"{r['heldout_top1']:.2f}"} for r in probe.grid]
         rows.append({"metric": f"VAL top1 ({probe.best['features']}, lr={probe.best['lr']:g})", "value": f"{probe.top1:.2f}"})
         record = {"linear_top1": round(probe.top1, 2)}
+    return _finish_eval(args, rows, res, record, {"variants": variants})
+
+
+def _finish_eval(args: argparse.Namespace, rows: list[dict[str, Any]], results: dict[str, Any],
+                 record: dict[str, float], extra: dict[str, Any] | None = None) -> int:
+    """Print the table, write --out JSON, and --record into the card: the tail every `zoo eval` shares."""
     print_table(rows, ["metric", "value"])
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "protocol": args.protocol, "train": args.train,
-                                              "val": args.val, "variants": variants, "results": res}, indent=2))
+        payload = {"model": args.model, "protocol": args.protocol, "train": getattr(args, "train", None),
+                   "val": args.val, **(extra or {}), "results": results}
+        Path(args.out).write_text(json.dumps(payload, indent=2, default=str))
     if args.record:
         from zoo.hub import record_eval
 
         record_eval(args.model, args.task or Path(str(args.val)).parent.name, record)
         print(f"recorded in the card of {args.model}", file=sys.stderr)
     return 0
+
+
+def cmd_eval_dense(args: argparse.Namespace) -> int:
+    from zoo.eval.dense import dense_probe, extract_dense
+
+    model = _model_for_eval(args.model)
+    kw = dict(blocks=args.blocks, batch_size=args.batch_size, num_workers=args.workers, max_samples=args.max_samples)
+    xtr, ytr = extract_dense(model, args.train, **kw)
+    xva, yva = extract_dense(model, args.val, **kw)
+    res = dense_probe(xtr, ytr, xva, yva, epochs=args.epochs, seed=args.seed)
+    rows = [{"metric": f"heldout lr={r['lr']:g} mIoU", "value": f"{r['heldout_mIoU']:.2f}"} for r in res.grid]
+    rows += [{"metric": f"VAL {k} (lr={res.best['lr']:g})", "value": f"{v:.2f}"} for k, v in res.metrics.items()]
+    rows += [{"metric": f"  IoU class {c}", "value": f"{v:.2f}"} for c, v in res.per_class_iou.items()]
+    record = {f"dense_{k}": round(v, 2) for k, v in res.metrics.items()}
+    return _finish_eval(args, rows, res.as_dict(), record, {"blocks": args.blocks})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--solver", choices=["sgd", "lbfgs"], default="sgd",
                            help="sgd: the grid over lrs and features; lbfgs: logistic regression (small sets)")
         s.set_defaults(fn=cmd_eval)
+    s = ev.add_parser("dense", help="linear segmentation probe on frozen patch features (mIoU)")
+    s.add_argument("model", help="published name, path, or ViT architecture (random weights)")
+    s.add_argument("--train", required=True, help="train shards with image + seg.png masks, e.g. built-in scenes")
+    s.add_argument("--val", required=True, help="val shards")
+    s.add_argument("--blocks", type=int, default=1, help="concatenate the patch maps of the last N blocks (default 1)")
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--max-samples", type=int, help="use at most this many images per split")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="write the results as JSON here")
+    s.add_argument("--record", action="store_true", help="add the results to the published model's card")
+    s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
+    s.set_defaults(fn=cmd_eval_dense)
 
     sh = sub.add_parser("shards", help="make and check webdataset shards").add_subparsers(
         dest="shards_command", required=True, metavar="SHARDS_COMMAND")
