@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,27 @@ def isolated_zoo_home(tmp_path, monkeypatch) -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+TINY_CLIP = "zoo-test-tiny-clip"
+
+
+@pytest.fixture
+def tiny_open_clip(tmp_path):
+    """A tiny random open_clip architecture registered under TINY_CLIP for the test, then removed."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip import factory
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    path = tmp_path / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    try:
+        yield open_clip
+    finally:  # open_clip has no public way to unregister a config
+        factory._MODEL_CONFIG_PATHS.remove(path)
+        factory._MODEL_CONFIGS.pop(TINY_CLIP, None)

@@ -150,3 +150,22 @@ def test_eval_dense_on_scenes(tmp_path, capsys):
     res = json.loads((tmp_path / "d.json").read_text())["results"]
     assert 0.0 <= res["mIoU"] <= 100.0 and "0" in res["per_class_iou"]
     assert "VAL mIoU" in capsys.readouterr().out
+
+
+def test_eval_zeroshot_and_retrieval_on_scenes(tiny_open_clip, tmp_path, capsys):
+    from conftest import TINY_CLIP
+
+    main(["shards", "make-builtin", "scenes", "--split", "val", "--n", "24", "--out", str(tmp_path / "val")])
+    val = str(tmp_path / "val" / "*.tar")
+    model = f"open_clip:{TINY_CLIP}"
+    assert main(["eval", "zeroshot", model, "--val", val, "--random-weights", "--out", str(tmp_path / "z.json")]) == 0
+    z = json.loads((tmp_path / "z.json").read_text())
+    from zoo.registry import DATASETS
+
+    assert z["classes"] == list(DATASETS.get("scenes").meta["classes"])  # read from the shards' dataset.json
+    assert set(z["results"]) == {"top1", "top5"}
+    assert main(["eval", "retrieval", model, "--val", val, "--random-weights", "--caption", "exact", "short"]) == 0
+    out = capsys.readouterr().out
+    assert "image_to_text_R@1" in out and "text_to_image_R@10" in out
+    assert main(["eval", "zeroshot", "vit_nano_patch4_32", "--val", val]) == 2
+    assert "needs an image-text model" in capsys.readouterr().err

@@ -256,30 +256,9 @@ def test_zero_shot_errors(labelled_shards):
 
 
 # -- end to end with a tiny random open_clip model -------------------------------------------------
-TINY = "zoo-test-tiny-clip"
-
-
-@pytest.fixture
-def tiny_open_clip(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
-    from open_clip import factory
-
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-    path = tmp_path / f"{TINY}.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
-    try:
-        yield open_clip
-    finally:  # open_clip has no public way to unregister a config
-        factory._MODEL_CONFIG_PATHS.remove(path)
-        factory._MODEL_CONFIGS.pop(TINY, None)
-
-
 def test_open_clip_end_to_end(tiny_open_clip, tmp_path):
+    from conftest import TINY_CLIP as TINY
+
     import zoo
     from zoo.data.builtin import generate, scenes
     from open_clip.zero_shot_classifier import build_zero_shot_classifier

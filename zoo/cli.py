@@ -159,6 +159,8 @@ def cmd_shards_make_builtin(args: argparse.Namespace) -> int:
     n = min(args.n, meta.get("max_samples", {}).get(args.split, args.n))
     info = {"name": args.name, "split": args.split, "seed": args.seed, "size": args.size,
             "num_classes": meta.get("num_classes"), "source": "zoo.data.builtin"}
+    if meta.get("classes"):
+        info["classes"] = list(meta["classes"])
     shards = write_shards(generate(args.name, n, seed=args.seed, size=args.size, split=args.split), args.out,
                           maxcount=args.maxcount, total=n, info=info, desc=f"{args.name}/{args.split}")
     print(f"wrote {n} {args.name} samples in {len(shards)} shard(s) to {args.out}/{{00000..{len(shards) - 1:05d}}}.tar")
@@ -195,20 +197,27 @@ def cmd_shards_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _model_for_eval(name: str):
+def _model_for_eval(name: str, random_weights: bool = False):
     """A published model by name, or a registered architecture with random weights (said loudly)."""
     import zoo
     from zoo.errors import UnknownNameError
     from zoo.factory import split_name
     from zoo.registry import MODELS
 
+    if random_weights and name.startswith(("timm:", "open_clip:")):
+        print(f"note: evaluating {name} with RANDOM weights (--random-weights)", file=sys.stderr)
+        return zoo.load(name, pretrained=False)
     try:
+        if random_weights:
+            raise UnknownNameError(name)
         return zoo.load(name)
     except UnknownNameError:
         if split_name(name)[0] not in MODELS:
             raise
         print(f"note: {name} has no published weights; evaluating it with RANDOM weights", file=sys.stderr)
-        return zoo.create_model(name).eval()
+        model = zoo.create_model(name).eval()
+        model.zoo_source = f"{name} (random weights)"
+        return model
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -217,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from zoo.eval.linear import linear_probe, logistic_regression
     from zoo.hub import zoo_home
 
-    model = _model_for_eval(args.model)
+    model = _model_for_eval(args.model, args.random_weights)
     if not hasattr(model, "blocks"):
         variants = ["cls"]  # a CNN: its pooled output
     else:
@@ -261,10 +270,64 @@ def _finish_eval(args: argparse.Namespace, rows: list[dict[str, Any]], results: 
     return 0
 
 
+def _tokenizer_for(model) -> Any:
+    """open_clip's tokenizer for a model loaded as open_clip:ARCH[/TAG]."""
+    arch = str((getattr(model, "zoo_card", None) or {}).get("arch", ""))
+    if not arch.startswith("open_clip:"):
+        from zoo.errors import ZooError
+
+        from zoo.eval.zeroshot import model_name
+
+        raise ZooError(f"{model_name(model)} has no text tokenizer here; use an open_clip:ARCH/TAG model")
+    import open_clip
+
+    return open_clip.get_tokenizer(arch.removeprefix("open_clip:"))
+
+
+def _classnames(args: argparse.Namespace) -> list[str]:
+    """--classnames, else the class names in the shards' dataset.json (written by `zoo shards`)."""
+    from zoo.data.shards import expand_sources
+    from zoo.errors import ZooError
+
+    if args.classnames:
+        return list(args.classnames)
+    first = expand_sources(args.val)[0][0]
+    info_path = Path(first).parent / "dataset.json"
+    if info_path.is_file():
+        classes = json.loads(info_path.read_text()).get("classes")
+        if classes:
+            return [str(c) for c in classes]
+    raise ZooError(f"no class names for {args.val}: pass --classnames NAME ... (one per label, in label order)")
+
+
+def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from zoo.eval.zeroshot import require_image_text, zero_shot_eval
+
+    model = _model_for_eval(args.model, args.random_weights)
+    require_image_text(model)
+    classes = _classnames(args)
+    res = zero_shot_eval(model, _tokenizer_for(model), args.val, classes, templates=tuple(args.template),
+                         batch_size=args.batch_size, num_workers=args.workers)
+    rows = [{"metric": k, "value": f"{v:.2f}"} for k, v in res.items()]
+    return _finish_eval(args, rows, res, {f"zeroshot_{k}": round(v, 2) for k, v in res.items()}, {"classes": classes})
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from zoo.eval.retrieval import retrieval_eval
+    from zoo.eval.zeroshot import require_image_text
+
+    model = _model_for_eval(args.model, args.random_weights)
+    require_image_text(model, "retrieval")
+    res = retrieval_eval(model, _tokenizer_for(model), args.val, caption=tuple(args.caption),
+                         batch_size=args.batch_size, num_workers=args.workers)
+    rows = [{"metric": k, "value": f"{v:.2f}"} for k, v in res.items()]
+    return _finish_eval(args, rows, res, {k: round(v, 2) for k, v in res.items()}, {"captions": args.caption})
+
+
 def cmd_eval_dense(args: argparse.Namespace) -> int:
     from zoo.eval.dense import dense_probe, extract_dense
 
-    model = _model_for_eval(args.model)
+    model = _model_for_eval(args.model, args.random_weights)
     kw = dict(blocks=args.blocks, batch_size=args.batch_size, num_workers=args.workers, max_samples=args.max_samples)
     xtr, ytr = extract_dense(model, args.train, **kw)
     xva, yva = extract_dense(model, args.val, **kw)
@@ -320,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", help="write the results as JSON here")
         s.add_argument("--record", action="store_true", help="add the results to the published model's card")
         s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
+        s.add_argument("--random-weights", action="store_true", help="evaluate the architecture with random weights (a baseline)")
         if proto == "knn":
             s.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
             s.add_argument("--temperature", type=float, default=0.07)
@@ -328,6 +392,25 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--solver", choices=["sgd", "lbfgs"], default="sgd",
                            help="sgd: the grid over lrs and features; lbfgs: logistic regression (small sets)")
         s.set_defaults(fn=cmd_eval)
+    for proto, helptext in (("zeroshot", "zero-shot classification (image-text models)"),
+                            ("retrieval", "image<->text retrieval R@1/5/10 (image-text models)")):
+        s = ev.add_parser(proto, help=helptext)
+        s.add_argument("model", help="an image-text model, e.g. open_clip:ViT-B-32/TAG or a published one")
+        s.add_argument("--val", required=True, help="shards to evaluate on")
+        s.add_argument("--batch-size", type=int, default=64)
+        s.add_argument("--workers", type=int, default=0)
+        s.add_argument("--out", help="write the results as JSON here")
+        s.add_argument("--record", action="store_true", help="add the results to the published model's card")
+        s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
+        s.add_argument("--random-weights", action="store_true", help="evaluate the architecture with random weights (a baseline)")
+        if proto == "zeroshot":
+            s.add_argument("--classnames", nargs="+", help="one per label (default: classes in the shards' dataset.json)")
+            s.add_argument("--template", nargs="+", default=["a photo of a {}."], help="prompt templates with {}")
+            s.set_defaults(fn=cmd_eval_zeroshot)
+        else:
+            s.add_argument("--caption", nargs="+", default=["caption"],
+                           help="caption fields: 'caption' (the txt member) or names in meta['captions'] (exact short noisy)")
+            s.set_defaults(fn=cmd_eval_retrieval)
     s = ev.add_parser("dense", help="linear segmentation probe on frozen patch features (mIoU)")
     s.add_argument("model", help="published name, path, or ViT architecture (random weights)")
     s.add_argument("--train", required=True, help="train shards with image + seg.png masks, e.g. built-in scenes")
@@ -341,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the results as JSON here")
     s.add_argument("--record", action="store_true", help="add the results to the published model's card")
     s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
+    s.add_argument("--random-weights", action="store_true", help="evaluate the architecture with random weights (a baseline)")
     s.set_defaults(fn=cmd_eval_dense)
 
     sh = sub.add_parser("shards", help="make and check webdataset shards").add_subparsers(
