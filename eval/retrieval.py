@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.data.transforms import named_captions
 from zoo.errors import SampleError, ZooError
 from zoo.eval.zeroshot import _EvalMode, default_transform, encode_images, encode_texts, require_image_text
 from zoo.progress import progress_bar
@@ -107,18 +108,6 @@ def retrieval_metrics(
 CaptionSpec = str | Sequence[str] | Mapping[str, float]
 
 
-def _named_captions(sample: Mapping[str, Any], name: str) -> list[str]:
-    """The non-empty captions called `name`: a top-level text field ("caption" is the `txt` member),
-    else `meta["captions"][name]`; a list contributes all its entries. The lookup `choose_caption` uses."""
-    value = sample.get(name)
-    if not isinstance(value, str):
-        meta = sample.get("meta")
-        captions = meta.get("captions") if isinstance(meta, Mapping) else None
-        value = captions.get(name) if isinstance(captions, Mapping) else None
-    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
-    return [v for v in values if isinstance(v, str) and v.strip()]
-
-
 def _what_it_has(sample: Mapping[str, Any]) -> str:
     meta = sample.get("meta")
     captions = meta.get("captions") if isinstance(meta, Mapping) else None
@@ -178,7 +167,7 @@ def encode_pairs(
 
     def prepare(sample: dict[str, Any]) -> dict[str, Any]:
         if probabilities is None:
-            texts = [t for n in names for t in _named_captions(sample, n)]
+            texts = [t for n in names for t in named_captions(sample, n)]
         else:
             try:
                 texts = [choose_caption(sample, probabilities)[1]]

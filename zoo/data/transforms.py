@@ -450,8 +450,9 @@ def _uniform(rng: random.Random | np.random.Generator | torch.Generator | None) 
     return float(rng.random())
 
 
-def _captions(sample: Mapping[str, Any], name: str) -> list[str]:
-    """The non-empty captions called `name`: a top-level text field, else meta["captions"][name]."""
+def named_captions(sample: Mapping[str, Any], name: str) -> list[str]:
+    """The non-empty captions called `name`: a top-level text field ("caption" is the `txt` member),
+    else `meta["captions"][name]`; a list contributes all its entries."""
     value = sample.get(name)
     if not isinstance(value, str):
         meta = sample.get("meta")
@@ -478,7 +479,7 @@ def choose_caption(
     for name, p in probabilities.items():
         if not (_is_real(p) and p >= 0):
             raise ConfigError(f"caption probability for {name!r} must be a finite number >= 0, got {p!r}")
-    present = {n: c for n in probabilities if probabilities[n] > 0 and (c := _captions(sample, n))}
+    present = {n: c for n in probabilities if probabilities[n] > 0 and (c := named_captions(sample, n))}
     total = sum(probabilities[n] for n in present)
     if not present:
         meta = sample.get("meta")
@@ -532,6 +533,7 @@ __all__ = [
     "MultiCrop",
     "PairedTransform",
     "choose_caption",
+    "named_captions",
     "SampleTransform",
     "SampleError",
     "INTERPOLATIONS",
