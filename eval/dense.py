@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.engine.schedule import warmup_cosine
 from zoo.errors import ZooError
 from zoo.eval.linear import heldout_split
 
@@ -276,7 +277,7 @@ def _train_heads(
             x, y = feats[batch].float(), masks[batch].long()
             z = heads[0][0](x)  # the normalisation is shared and frozen: apply it once
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = warmup_cosine(step, total, group["base_lr"])
             loss = sum(_seg_loss(h[1](z), y, ignore_index) for h in heads)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.engine.schedule import warmup_cosine
 from zoo.errors import ZooError
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -74,7 +75,7 @@ def _train_grid(
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = warmup_cosine(step, total, group["base_lr"])
             loss = sum(F.cross_entropy(h(f[idx]), labels[idx]) for f, row in zip(feats, heads) for h in row)
             opt.zero_grad(set_to_none=True)
             loss.backward()
