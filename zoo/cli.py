@@ -339,6 +339,20 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     return _finish_eval(args, rows, res.as_dict(), record, {"blocks": args.blocks})
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from zoo.engine.trainer import pretrain
+
+    res = pretrain(args.recipe, data=args.data, overrides=args.set or [], run_dir=args.run_dir,
+                   resume=args.resume if args.resume is not None else False, overwrite=args.overwrite)
+    last = res.metrics[-1] if res.metrics else {}
+    print(f"run: {res.run_dir}  steps: {res.steps}  final loss: {last.get('loss', float('nan')):.4f}")
+    if res.skipped:
+        print("skipped samples: " + ", ".join(f"{n} {r}" for r, n in res.skipped.items()))
+    for name, path in res.published.items():
+        print(f"published {name} -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
 
@@ -367,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--non-strict", action="store_true", help="allow keys missing from the checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing published model")
     s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("pretrain", help="pretrain a recipe on webdataset shards")
+    s.add_argument("recipe", help="recipe YAML, e.g. recipes/mae_vit_tiny_patch4_32_fractals.yaml")
+    s.add_argument("--data", help="training shards, e.g. 'shards/train-{00000..00015}.tar' (overrides data.train)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. optim.lr=1e-3")
+    s.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
+    s.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="continue the latest checkpoint in the run directory, or the checkpoint given")
+    s.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    s.set_defaults(fn=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a model's frozen features (knn, linear)").add_subparsers(
         dest="protocol", required=True, metavar="PROTOCOL")

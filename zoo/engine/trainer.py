@@ -1,0 +1,256 @@
+"""The one training loop. It never knows which method it runs (see recipes/base.py).
+
+`pretrain(recipe)` builds the method from the recipe, reads shards through `zoo.data.loader`,
+steps AdamW on a warmup-cosine schedule with gradient accumulation and clipping, writes
+`config.yaml`, `metrics.jsonl` and atomic checkpoints to the run directory, resumes exactly
+(model, optimizer, RNG streams and the position in the epoch), and publishes what the method exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from zoo.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from zoo.engine.schedule import warmup_cosine
+from zoo.errors import ConfigError, ZooError
+from zoo.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    run_dir: Path
+    steps: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    published: dict[str, Path] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def build_method(cfg) -> torch.nn.Module:
+    """The registered method of `cfg.method.name`, built with the method's and the model's args."""
+    import zoo.recipes  # noqa: F401  (registers the methods)
+    from zoo.config import validate_method_args
+    from zoo.registry import RECIPES
+
+    factory = RECIPES.get(cfg.method.name).factory
+    args = {"arch": cfg.model.arch, **cfg.method.args, **cfg.model.args}
+    validate_method_args(factory, args, where="method")
+    return factory(**args)
+
+
+def fingerprint(cfg) -> str:
+    """What a checkpoint must share with the recipe resuming it: method, model and data, not the schedule."""
+    from zoo.config import to_dict
+
+    d = to_dict(cfg)
+    key = {k: d.get(k) for k in ("method", "model")}
+    key["data"] = {k: d["data"].get(k) for k in ("batch_size",)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _backbone_cfg(method: torch.nn.Module) -> dict[str, Any]:
+    exported = method.export()
+    if not exported:
+        raise ZooError(f"{type(method).__name__}.export() returned no backbone: the engine needs one for preprocessing")
+    return next(iter(exported.values())).pretrained_cfg
+
+
+def _make_loader(cfg, method, seed: int):
+    from zoo.data import dataset_size, loader
+    from zoo.data.transforms import train_transform
+
+    if not cfg.data.train:
+        raise ConfigError("no training data: give --data 'shards/{00000..00009}.tar' or set data.train in the recipe")
+    spec = method.data_spec()
+    tf = train_transform(_backbone_cfg(method), **spec.train_transform)
+
+    def prepare(sample: dict[str, Any]) -> dict[str, Any]:
+        out = {k: sample[k] for k in spec.fields if k != "image"}
+        out["image"] = tf(sample["image"])
+        return out
+
+    data = loader(
+        cfg.data.train, fields=spec.fields, optional_fields=spec.optional_fields, transform=prepare,
+        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, resampled=cfg.data.resampled,
+        epoch_samples=cfg.data.epoch_samples, shuffle=cfg.data.shuffle, seed=seed, drop_last=True,
+    )
+    size = None if cfg.data.resampled else dataset_size(cfg.data.train, scan=True)
+    return data, size
+
+
+def _total_steps(cfg, steps_per_epoch: int) -> int:
+    if cfg.schedule.steps is not None:
+        return int(cfg.schedule.steps)
+    return max(1, int(math.ceil(cfg.schedule.epochs * steps_per_epoch / cfg.optim.accum_steps)))
+
+
+def prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (or None); refuses to clobber a finished run."""
+    if overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    if resume not in (False, None, "", "auto", True):
+        return Path(resume)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if not resume and run_dir.exists() and ((run_dir / DONE_FILE).exists() or latest_checkpoint(run_dir)):
+        raise ZooError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    return ckpt
+
+
+def pretrain(
+    recipe: str | Path | dict,
+    *,
+    data: str | None = None,
+    overrides: Sequence[str] = (),
+    run_dir: str | Path | None = None,
+    resume: bool | str = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> RunResult:
+    """Train `recipe` (a YAML path or dict) and return the run's result.
+
+    `resume=True` continues from the latest checkpoint in the run directory (or a given path);
+    `stop_after` ends the process's work after that many steps (the run stays resumable)."""
+    from zoo.config import load_config, save_config
+
+    cfg = load_config(recipe, list(overrides))
+    if data is not None:
+        cfg.data.train = data
+    default_name = "run" if isinstance(recipe, dict) else Path(str(recipe)).stem
+    run_dir = Path(run_dir) if run_dir is not None else cfg.output.run_dir(default_name)
+    ckpt_path = prepare_run_dir(run_dir, resume, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    method = build_method(cfg)
+    data_loader, size = _make_loader(cfg, method, cfg.seed)
+    steps_per_epoch = len(data_loader) if size is not None or cfg.data.resampled else None
+    if not steps_per_epoch:
+        raise ZooError(f"{cfg.data.train} holds fewer samples than one batch of {cfg.data.batch_size}")
+    total = _total_steps(cfg, steps_per_epoch)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    base_lr = cfg.optim.resolved_lr(cfg.data.batch_size * cfg.optim.accum_steps * world)
+    groups = method.param_groups(cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.optim.betas))
+    fp = fingerprint(cfg)
+
+    step, epoch, skip = 0, 0, 0
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path, fingerprint=fp)
+        method.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+
+    warmup = cfg.schedule.warmup(total)
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    result = RunResult(run_dir=run_dir, steps=step)
+    limit = total if stop_after is None else min(total, step + stop_after)
+    bar = progress_bar(total=total, initial=step, desc=cfg.method.name, unit="step")
+    method.train()
+    t0, seen = time.perf_counter(), 0
+
+    def checkpoint(batch_in_epoch: int, epoch_now: int) -> None:
+        save_checkpoint(
+            {"step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch, "model": method.state_dict(),
+             "optimizer": opt.state_dict(), "rng": rng_state(), "fingerprint": fp},
+            run_dir, step, keep_last=cfg.output.keep_last,
+        )
+
+    try:
+        while step < limit:
+            data_loader.set_epoch(epoch)
+            accum = 0
+            for i, batch in enumerate(data_loader):
+                if i < skip:
+                    continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+                lr = warmup_cosine(step, total, base_lr, warmup=warmup, final=cfg.schedule.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                out = method.training_step(batch, step)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise ZooError(f"loss is {loss.item()} at step {step}; lower optim.lr or check the data")
+                (loss / cfg.optim.accum_steps).backward()
+                accum += 1
+                seen += len(batch["image"])
+                if accum < cfg.optim.accum_steps:
+                    continue
+                accum = 0
+                if cfg.optim.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                method.on_step_end(step, total)
+                step += 1
+                row = {"step": step, "lr": lr, **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}}
+                if step % cfg.output.log_every == 0 or step == limit:
+                    row["img_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    result.metrics.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, row)
+                if step % cfg.output.checkpoint_every == 0 or step == limit:
+                    checkpoint(i + 1, epoch)
+                if step >= limit:
+                    break
+            else:
+                epoch, skip = epoch + 1, 0
+                continue
+            break
+    finally:
+        bar.close()
+        metrics_file.close()
+    result.steps = step
+    result.skipped = dict(data_loader.total_skipped)
+    if step >= total:
+        result.published = publish_exports(method, cfg, step)
+        (run_dir / DONE_FILE).write_text(json.dumps({"steps": step, "published": {k: str(v) for k, v in result.published.items()}}) + "\n")
+    return result
+
+
+def publish_exports(method, cfg, steps: int) -> dict[str, Path]:
+    """Publish every backbone the method exports under `output.publish` (+ the export's tag suffix)."""
+    from zoo.hub import publish
+
+    if not cfg.output.publish:
+        return {}
+    out = {}
+    for suffix, backbone in method.export().items():
+        name = cfg.output.publish + (f"_{suffix}" if suffix else "")
+        card = {"recipe": cfg.method.name, "data": cfg.data.train, "steps": steps}
+        out[name] = publish(backbone, name, card, overwrite=True)
+    return out
+
+
+__all__ = ["pretrain", "RunResult", "CheckpointError"]
