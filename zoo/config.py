@@ -400,8 +400,6 @@ class ScheduleConfig(_Section):
         if self.warmup_steps is not None and self.warmup_frac is not None:
             raise ConfigError("set only one of 'schedule.warmup_steps' and 'schedule.warmup_frac'")
         self._require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", ">= 0")
-        self._require(self.warmup_steps is None or self.steps is None or self.warmup_steps <= self.steps,
-                      "warmup_steps", f"<= schedule.steps ({self.steps})")
         self._require(self.warmup_frac is None or 0 <= self.warmup_frac < 1, "warmup_frac", "in [0, 1)")
         self._require(self.min_lr >= 0, "min_lr", ">= 0")
 
