@@ -353,6 +353,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from zoo.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, n_pretrain=args.n, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
 
@@ -381,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--non-strict", action="store_true", help="allow keys missing from the checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing published model")
     s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("demo", help="the main job on built-in data: pretrain MAE, publish, reload, evaluate")
+    s.add_argument("--out", default="zoo-demo", help="folder for the shards, the run and results.json")
+    s.add_argument("--steps", type=int, default=600, help="MAE pretraining steps (default 600, ~3 min on 2 cores)")
+    s.add_argument("--n", type=int, default=5000, help="fractal images to pretrain on")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("pretrain", help="pretrain a recipe on webdataset shards")
     s.add_argument("recipe", help="recipe YAML, e.g. recipes/mae_vit_tiny_patch4_32_fractals.yaml")
