@@ -89,3 +89,15 @@ def test_resume_refuses_a_checkpoint_from_another_recipe(fractal_shards, tmp_pat
 
     with pytest.raises(ZooError, match="another recipe"):
         pretrain(other, run_dir=tmp_path / "b", resume=str(latest_checkpoint(tmp_path / "a")))
+
+
+def test_online_knn_is_logged_every_n_steps(fractal_shards, tmp_path):
+    for split in ("train", "val"):
+        write_shards(generate("digits", 100, split=split), tmp_path / split)
+    r = recipe(fractal_shards, steps=6)
+    r["eval"] = {"knn_train": str(tmp_path / "train" / "*.tar"), "knn_val": str(tmp_path / "val" / "*.tar"),
+                 "every": 3, "k": 5}
+    res = pretrain(r, run_dir=tmp_path / "run")
+    with_knn = [m["step"] for m in res.metrics if "knn_top1" in m]
+    assert with_knn == [3, 6]
+    assert all(0.0 <= m["knn_top1"] <= 100.0 for m in res.metrics if "knn_top1" in m)

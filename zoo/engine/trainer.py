@@ -170,6 +170,12 @@ def pretrain(
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     warmup = cfg.schedule.warmup(total)
+    online = None
+    if cfg.eval.every and cfg.eval.knn_train and cfg.eval.knn_val:
+        from zoo.eval.online import OnlineKNN
+
+        online = OnlineKNN(cfg.eval.knn_train, cfg.eval.knn_val, every=cfg.eval.every, k=cfg.eval.k)
+        backbone = next(iter(method.export().values()))
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     result = RunResult(run_dir=run_dir, steps=step)
     limit = total if stop_after is None else min(total, step + stop_after)
@@ -211,12 +217,16 @@ def pretrain(
                 method.on_step_end(step, total)
                 step += 1
                 row = {"step": step, "lr": lr, **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}}
-                if step % cfg.output.log_every == 0 or step == limit:
+                knn = online(backbone, step) if online is not None else None
+                if knn:
+                    row.update(knn)
+                if step % cfg.output.log_every == 0 or step == limit or knn:
                     row["img_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
                     result.metrics.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                                    **({"knn": f"{row['knn_top1']:.1f}"} if "knn_top1" in row else {}))
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, row)
