@@ -101,3 +101,14 @@ def test_online_knn_is_logged_every_n_steps(fractal_shards, tmp_path):
     with_knn = [m["step"] for m in res.metrics if "knn_top1" in m]
     assert with_knn == [3, 6]
     assert all(0.0 <= m["knn_top1"] <= 100.0 for m in res.metrics if "knn_top1" in m)
+
+
+def test_bf16_autocast_trains_and_compile_is_refused(fractal_shards, tmp_path):
+    r = recipe(fractal_shards, steps=3)
+    r["amp"] = "bf16"
+    res = pretrain(r, run_dir=tmp_path / "bf16")
+    assert res.steps == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
+    r = recipe(fractal_shards, steps=3)
+    r["compile"] = True
+    with pytest.raises(ZooError, match="compile"):
+        pretrain(r, run_dir=tmp_path / "compiled")

@@ -146,9 +146,13 @@ def pretrain(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
 
+    if cfg.compile:
+        raise ConfigError("compile: true is not supported by the engine yet; set compile: false")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    method = build_method(cfg)
+    method = build_method(cfg).to(device)
     data_loader, size = _make_loader(cfg, method, cfg.seed)
     steps_per_epoch = len(data_loader) if size is not None or cfg.data.resampled else None
     if not steps_per_epoch:
@@ -163,7 +167,7 @@ def pretrain(
     step, epoch, skip = 0, 0, 0
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, fingerprint=fp)
-        method.load_state_dict(state["model"])
+        method.load_state_dict(state["model"])  # loads onto the method's device
         opt.load_state_dict(state["optimizer"])
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         set_rng_state(state["rng"])
@@ -200,7 +204,9 @@ def pretrain(
                 lr = warmup_cosine(step, total, base_lr, warmup=warmup, final=cfg.schedule.min_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-                out = method.training_step(batch, step)
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                    out = method.training_step(batch, step)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
                     raise ZooError(f"loss is {loss.item()} at step {step}; lower optim.lr or check the data")
