@@ -112,3 +112,23 @@ def test_bf16_autocast_trains_and_compile_is_refused(fractal_shards, tmp_path):
     r["compile"] = True
     with pytest.raises(ZooError, match="compile"):
         pretrain(r, run_dir=tmp_path / "compiled")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(fractal_shards, tmp_path):
+    """`torchrun --nproc_per_node 2 -m zoo pretrain ...`: gloo, data split by rank, one consistent checkpoint."""
+    import yaml
+
+    r = recipe(fractal_shards, steps=4)
+    r["data"]["batch_size"] = 4
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "zoo", "pretrain", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = json.loads((tmp_path / "ddp" / "done.json").read_text())
+    assert done["world_size"] == 2 and done["ranks_consistent"] is True
+    assert done["samples_per_rank"] == [16, 16]  # 4 steps x batch 4 on each rank
+    assert [p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()] == ["step_000000004.pt"]
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 4  # rank 0 alone writes

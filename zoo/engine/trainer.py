@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -142,17 +143,32 @@ def pretrain(
         cfg.data.train = data
     default_name = "run" if isinstance(recipe, dict) else Path(str(recipe)).stem
     run_dir = Path(run_dir) if run_dir is not None else cfg.output.run_dir(default_name)
-    ckpt_path = prepare_run_dir(run_dir, resume, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-
     if cfg.compile:
         raise ConfigError("compile: true is not supported by the engine yet; set compile: false")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    rank, world, owns_group = init_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    main = rank == 0  # only rank 0 writes the run directory
+    ckpt_path = None
+    if main:
+        ckpt_path = prepare_run_dir(run_dir, resume, overwrite)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if world > 1:
+        torch.distributed.barrier()  # the others read the run directory only once rank 0 has settled it
+        if not main and resume:
+            ckpt_path = latest_checkpoint(run_dir) if resume in (True, "auto") else Path(resume)
+
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     method = build_method(cfg).to(device)
+    if world > 1:
+        for t in [*method.parameters(), *method.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
+        torch.manual_seed(cfg.seed + rank)  # each rank its own masking/augmentation stream
     data_loader, size = _make_loader(cfg, method, cfg.seed)
     steps_per_epoch = len(data_loader) if size is not None or cfg.data.resampled else None
     if not steps_per_epoch:
@@ -180,14 +196,16 @@ def pretrain(
 
         online = OnlineKNN(cfg.eval.knn_train, cfg.eval.knn_val, every=cfg.eval.every, k=cfg.eval.k)
         backbone = next(iter(method.export().values()))
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else open(os.devnull, "w")
     result = RunResult(run_dir=run_dir, steps=step)
     limit = total if stop_after is None else min(total, step + stop_after)
-    bar = progress_bar(total=total, initial=step, desc=cfg.method.name, unit="step")
+    bar = progress_bar(total=total, initial=step, desc=cfg.method.name, unit="step", **({} if main else {"disable": True}))
     method.train()
     t0, seen = time.perf_counter(), 0
 
     def checkpoint(batch_in_epoch: int, epoch_now: int) -> None:
+        if not main:
+            return
         save_checkpoint(
             {"step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch, "model": method.state_dict(),
              "optimizer": opt.state_dict(), "rng": rng_state(), "fingerprint": fp},
@@ -216,6 +234,8 @@ def pretrain(
                 if accum < cfg.optim.accum_steps:
                     continue
                 accum = 0
+                if world > 1:
+                    average_gradients(method, world)
                 if cfg.optim.clip_grad:
                     torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
                 opt.step()
@@ -249,10 +269,52 @@ def pretrain(
         metrics_file.close()
     result.steps = step
     result.skipped = dict(data_loader.total_skipped)
-    if step >= total:
+    done = {"steps": step, "world_size": world}
+    if world > 1:
+        done.update(rank_summary(method, seen, world))
+    if step >= total and main:
         result.published = publish_exports(method, cfg, step)
-        (run_dir / DONE_FILE).write_text(json.dumps({"steps": step, "published": {k: str(v) for k, v in result.published.items()}}) + "\n")
+        done["published"] = {k: str(v) for k, v in result.published.items()}
+        (run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
+    if owns_group:
+        torch.distributed.destroy_process_group()
     return result
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group): torchrun's env, gloo on CPU, nccl on GPU."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, True
+
+
+def average_gradients(module: torch.nn.Module, world: int) -> None:
+    """All-reduce and average the gradients (DDP's job, done explicitly: methods step through
+    `training_step`, not through a wrapped `forward`)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def rank_summary(method: torch.nn.Module, seen: int, world: int) -> dict[str, Any]:
+    """Samples each rank trained on, and whether every rank ends with the same weights."""
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    torch.distributed.all_gather(counts, torch.tensor([seen]))
+    digest = torch.tensor([float(sum(p.detach().double().sum() for p in method.parameters()))], dtype=torch.float64)
+    digests = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    torch.distributed.all_gather(digests, digest)
+    return {"samples_per_rank": [int(c) for c in counts], "ranks_consistent": len({float(d) for d in digests}) == 1}
 
 
 def publish_exports(method, cfg, steps: int) -> dict[str, Path]:
