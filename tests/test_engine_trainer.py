@@ -48,8 +48,12 @@ def test_loss_goes_down_and_files_are_written(fractal_shards, tmp_path):
     losses = [m["loss"] for m in res.metrics]
     assert res.steps == 30 and len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
-    for f in ("config.yaml", "metrics.jsonl", "done.json"):
-        assert (tmp_path / "run" / f).is_file()
+    for f in ("config.yaml", "metrics.jsonl", "done.json", "plots/loss.png", "plots/lr.png", "plots/reconstruction.png"):
+        assert (tmp_path / "run" / f).is_file(), f
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / "plots" / "reconstruction.png")
+    assert grid.size == (8 * 32 * 3, 4 * 32 * 3)  # 8 images x (original, masked, reconstruction, pasted)
     assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2  # keep_last
     with pytest.raises(ZooError, match="already holds a run"):
         pretrain(recipe(fractal_shards, steps=30), run_dir=tmp_path / "run")

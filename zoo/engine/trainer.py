@@ -202,6 +202,7 @@ def pretrain(
     bar = progress_bar(total=total, initial=step, desc=cfg.method.name, unit="step", **({} if main else {"disable": True}))
     method.train()
     t0, seen = time.perf_counter(), 0
+    last_images = None
 
     def checkpoint(batch_in_epoch: int, epoch_now: int) -> None:
         if not main:
@@ -231,6 +232,7 @@ def pretrain(
                 (loss / cfg.optim.accum_steps).backward()
                 accum += 1
                 seen += len(batch["image"])
+                last_images = batch["image"][:8]
                 if accum < cfg.optim.accum_steps:
                     continue
                 accum = 0
@@ -272,6 +274,8 @@ def pretrain(
     done = {"steps": step, "world_size": world}
     if world > 1:
         done.update(rank_summary(method, seen, world))
+    if main and result.metrics:
+        draw_plots(method, run_dir, result.metrics, last_images)
     if step >= total and main:
         result.published = publish_exports(method, cfg, step)
         done["published"] = {k: str(v) for k, v in result.published.items()}
@@ -279,6 +283,25 @@ def pretrain(
     if owns_group:
         torch.distributed.destroy_process_group()
     return result
+
+
+def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], images: torch.Tensor | None) -> None:
+    """plots/: one curve per logged metric, and the method's reconstruction grid if it has one."""
+    from zoo.engine.plots import curve, image_grid
+
+    steps = [m["step"] for m in metrics]
+    for key in sorted({k for m in metrics for k in m} - {"step"}):
+        ys = [float(m.get(key, float("nan"))) for m in metrics]
+        curve(steps, ys, run_dir / "plots" / f"{key}.png", title=f"{key} ({type(method).__name__})")
+    if images is not None and hasattr(method, "reconstruct"):
+        was = method.training
+        method.eval()
+        with torch.no_grad(), torch.random.fork_rng():
+            rec = method.reconstruct(images, generator=torch.Generator(device=images.device).manual_seed(0))
+        method.train(was)
+        cfg = _backbone_cfg(method)
+        rows = [rec[k] for k in ("original", "masked", "reconstruction", "pasted") if k in rec]
+        image_grid(rows, run_dir / "plots" / "reconstruction.png", mean=cfg["mean"], std=cfg["std"])
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, bool]:
