@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoo.data.builtin import digits, fractals, generate, scenes
+from zoo.data.builtin import fractals, generate, scenes
 from zoo.data.fields import decode_field, encode_field
 from zoo.errors import UnknownNameError
 from zoo.registry import DATASETS

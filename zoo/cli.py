@@ -360,6 +360,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_outputs(s: argparse.ArgumentParser) -> None:
+    """The options every `zoo eval` protocol shares: where results go and which weights."""
+    s.add_argument("--out", help="write the results as JSON here")
+    s.add_argument("--record", action="store_true", help="add the results to the published model's card")
+    s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
+    s.add_argument("--random-weights", action="store_true", help="evaluate the architecture with random weights (a baseline)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
 
@@ -418,10 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--workers", type=int, default=0)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
-        s.add_argument("--out", help="write the results as JSON here")
-        s.add_argument("--record", action="store_true", help="add the results to the published model's card")
-        s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
-        s.add_argument("--random-weights", action="store_true", help="evaluate the architecture with random weights (a baseline)")
+        _eval_outputs(s)
         if proto == "knn":
             s.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
             s.add_argument("--temperature", type=float, default=0.07)
@@ -437,10 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--val", required=True, help="shards to evaluate on")
         s.add_argument("--batch-size", type=int, default=64)
         s.add_argument("--workers", type=int, default=0)
-        s.add_argument("--out", help="write the results as JSON here")
-        s.add_argument("--record", action="store_true", help="add the results to the published model's card")
-        s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
-        s.add_argument("--random-weights", action="store_true", help="evaluate the architecture with random weights (a baseline)")
+        _eval_outputs(s)
         if proto == "zeroshot":
             s.add_argument("--classnames", nargs="+", help="one per label (default: classes in the shards' dataset.json)")
             s.add_argument("--template", nargs="+", default=["a photo of a {}."], help="prompt templates with {}")
@@ -459,10 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="write the results as JSON here")
-    s.add_argument("--record", action="store_true", help="add the results to the published model's card")
-    s.add_argument("--task", help="name of the task in the card (default: the val folder's name)")
-    s.add_argument("--random-weights", action="store_true", help="evaluate the architecture with random weights (a baseline)")
+    _eval_outputs(s)
     s.set_defaults(fn=cmd_eval_dense)
 
     sh = sub.add_parser("shards", help="make and check webdataset shards").add_subparsers(

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from zoo.data.fields import FieldError
-from zoo.data.shards import DataError, dataset_size, decode_sample, expand_sources, iter_raw_samples, known_size
+from zoo.data.shards import DataError, decode_sample, expand_sources, iter_raw_samples, known_size
 
 log = logging.getLogger(__name__)
 
@@ -327,4 +327,4 @@ def loader(
     return Loader(stream, num_workers, size)
 
 
-__all__ = ["loader", "Loader", "WorkerReport", "dataset_size", "DataError"]
+__all__ = ["loader", "Loader", "WorkerReport"]

@@ -244,11 +244,12 @@ def pretrain(
                 opt.zero_grad(set_to_none=True)
                 method.on_step_end(step, total)
                 step += 1
-                row = {"step": step, "lr": lr, **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}}
                 knn = online(backbone, step) if online is not None else None
-                if knn:
-                    row.update(knn)
-                if step % cfg.output.log_every == 0 or step == limit or knn:
+                log_now = step % cfg.output.log_every == 0 or step == limit or bool(knn)
+                row: dict[str, float] = {}
+                if log_now or on_step is not None:  # reading values off the device syncs: only when they are used
+                    row = {"step": step, "lr": lr, **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, **(knn or {})}
+                if log_now:
                     row["img_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
