@@ -441,6 +441,7 @@ class OutputConfig(_Section):
     checkpoint_every: int = 500  # steps; 0: only at the end
     keep_last: int = 2
     log_every: int = 10
+    tensorboard: bool = True  # also write TensorBoard events to tb/ when tensorboard is installed
 
     def _check(self) -> None:
         try:
@@ -476,8 +477,9 @@ class RunConfig(_Section):
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
     amp: Literal["no", "bf16"] = "no"
-    compile: bool = False
+    compile: bool = False  # torch.compile each repeated block of the method (regional compilation)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the method
 
     def _check(self) -> None:
         self._require(self.seed >= 0, "seed", ">= 0")

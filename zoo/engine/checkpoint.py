@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path, fingerprint: str | None = None) -> dict[st
         raise CheckpointError(f"{path} is not a zoo training checkpoint (no 'step'/'model' entries)")
     if fingerprint is not None and state.get("fingerprint") not in (None, fingerprint):
         raise CheckpointError(
-            f"{path} was written by another recipe (method/model/data differ); "
+            f"{path} was written by another recipe (method, model, batch size or distributed strategy differ); "
             "resume with the recipe that wrote it, or start a new run directory"
         )
     return state

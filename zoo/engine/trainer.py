@@ -29,6 +29,15 @@ from zoo.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from zoo.engine.distributed import (
+    average_gradients,
+    full_state,
+    gather_objects,
+    init_distributed,
+    load_full_state,
+    rank_summary,
+    shard_fsdp,
+)
 from zoo.engine.schedule import warmup_cosine
 from zoo.errors import ConfigError, ZooError
 from zoo.progress import progress_bar
@@ -66,16 +75,17 @@ def fingerprint(cfg) -> str:
     from zoo.config import to_dict
 
     d = to_dict(cfg)
-    key = {k: d.get(k) for k in ("method", "model")}
+    key = {k: d.get(k) for k in ("method", "model", "distributed")}
     key["data"] = {k: d["data"].get(k) for k in ("batch_size",)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _backbone_cfg(method: torch.nn.Module) -> dict[str, Any]:
+def _main_backbone(method: torch.nn.Module) -> torch.nn.Module:
+    """The method's first exported backbone: it sets preprocessing and is what online kNN evaluates."""
     exported = method.export()
     if not exported:
         raise ZooError(f"{type(method).__name__}.export() returned no backbone: the engine needs one for preprocessing")
-    return next(iter(exported.values())).pretrained_cfg
+    return next(iter(exported.values()))
 
 
 def _make_loader(cfg, method, seed: int):
@@ -85,11 +95,12 @@ def _make_loader(cfg, method, seed: int):
     if not cfg.data.train:
         raise ConfigError("no training data: give --data 'shards/{00000..00009}.tar' or set data.train in the recipe")
     spec = method.data_spec()
-    tf = train_transform(_backbone_cfg(method), **spec.train_transform)
+    tf = train_transform(_main_backbone(method).pretrained_cfg, **spec.train_transform)
 
     def prepare(sample: dict[str, Any]) -> dict[str, Any]:
         out = {k: sample[k] for k in spec.fields if k != "image"}
         out["image"] = tf(sample["image"])
+        out["__key__"] = f"{sample.get('__url__')}#{sample.get('__key__')}"  # for the ranks' overlap check
         return out
 
     data = loader(
@@ -143,8 +154,6 @@ def pretrain(
         cfg.data.train = data
     default_name = "run" if isinstance(recipe, dict) else Path(str(recipe)).stem
     run_dir = Path(run_dir) if run_dir is not None else cfg.output.run_dir(default_name)
-    if cfg.compile:
-        raise ConfigError("compile: true is not supported by the engine yet; set compile: false")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     rank, world, owns_group = init_distributed(device)
@@ -152,6 +161,7 @@ def pretrain(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     main = rank == 0  # only rank 0 writes the run directory
+    sharded = cfg.distributed == "fsdp" and world > 1
     ckpt_path = None
     if main:
         ckpt_path = prepare_run_dir(run_dir, resume, overwrite)
@@ -174,20 +184,37 @@ def pretrain(
     if not steps_per_epoch:
         raise ZooError(f"{cfg.data.train} holds fewer samples than one batch of {cfg.data.batch_size}")
     total = _total_steps(cfg, steps_per_epoch)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     base_lr = cfg.optim.resolved_lr(cfg.data.batch_size * cfg.optim.accum_steps * world)
-    groups = method.param_groups(cfg.optim.weight_decay)
+    publishable = _unsharded_copy(cfg, device) if sharded and main else method  # what exports read
+    if sharded:
+        shard_fsdp(method)
+    if cfg.compile:
+        for block in method.repeated_blocks():
+            block.compile()
+    groups = method.param_groups(cfg.optim.weight_decay, cfg.optim.layer_decay)
     opt = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.optim.betas))
     fp = fingerprint(cfg)
 
     step, epoch, skip = 0, 0, 0
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path, fingerprint=fp)
-        method.load_state_dict(state["model"])  # loads onto the method's device
-        opt.load_state_dict(state["optimizer"])
+        load_full_state(method, opt, state["model"], state["optimizer"], sharded=sharded)
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) != world:
+            log.warning("checkpoint was written by %d rank(s), resuming on %d: random streams restart from rank 0's",
+                        len(ranks), world)
+        set_rng_state(ranks[rank] if ranks is not None and len(ranks) == world else state["rng"])
         log.info("resumed from %s at step %d", ckpt_path, step)
+
+    def refresh_publishable() -> torch.nn.Module | None:
+        """Rank 0's unsharded method with the current weights (collective under FSDP)."""
+        if not sharded:
+            return method
+        model, _ = full_state(method, None, sharded=True)
+        if main:
+            publishable.load_state_dict(model)
+        return publishable if main else None
 
     warmup = cfg.schedule.warmup(total)
     online = None
@@ -195,23 +222,25 @@ def pretrain(
         from zoo.eval.online import OnlineKNN
 
         online = OnlineKNN(cfg.eval.knn_train, cfg.eval.knn_val, every=cfg.eval.every, k=cfg.eval.k)
-        backbone = next(iter(method.export().values()))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if main else open(os.devnull, "w")
+    board = _tensorboard(run_dir / "tb") if main and cfg.output.tensorboard else None
     result = RunResult(run_dir=run_dir, steps=step)
     limit = total if stop_after is None else min(total, step + stop_after)
     bar = progress_bar(total=total, initial=step, desc=cfg.method.name, unit="step", **({} if main else {"disable": True}))
     method.train()
     t0, seen = time.perf_counter(), 0
+    keys: set[str] = set()  # samples this rank trained on (the first KEYS_TRACKED), for the overlap check
     last_images = None
 
     def checkpoint(batch_in_epoch: int, epoch_now: int) -> None:
-        if not main:
-            return
-        save_checkpoint(
-            {"step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch, "model": method.state_dict(),
-             "optimizer": opt.state_dict(), "rng": rng_state(), "fingerprint": fp},
-            run_dir, step, keep_last=cfg.output.keep_last,
-        )
+        model, optim = full_state(method, opt, sharded=sharded)  # collective under FSDP
+        rngs = gather_objects(rng_state(), world)  # collective with several ranks
+        if main:
+            save_checkpoint(
+                {"step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch, "model": model,
+                 "optimizer": optim, "rng": rngs[0], "rng_ranks": rngs, "fingerprint": fp},
+                run_dir, step, keep_last=cfg.output.keep_last,
+            )
 
     try:
         while step < limit:
@@ -223,6 +252,8 @@ def pretrain(
                 lr = warmup_cosine(step, total, base_lr, warmup=warmup, final=cfg.schedule.min_lr)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
+                if world > 1 and len(keys) < KEYS_TRACKED:
+                    keys.update(batch.get("__key__", ()))
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                     out = method.training_step(batch, step)
@@ -236,24 +267,31 @@ def pretrain(
                 if accum < cfg.optim.accum_steps:
                     continue
                 accum = 0
-                if world > 1:
-                    average_gradients(method, world)
+                if world > 1 and not sharded:
+                    average_gradients(method, world)  # FSDP reduce-scatters its own
                 if cfg.optim.clip_grad:
                     torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 method.on_step_end(step, total)
                 step += 1
-                knn = online(backbone, step) if online is not None else None
+                knn = None
+                if online is not None and step % online.every == 0:
+                    current = refresh_publishable()
+                    knn = online(_main_backbone(current), step) if main else None
                 log_now = step % cfg.output.log_every == 0 or step == limit or bool(knn)
                 row: dict[str, float] = {}
                 if log_now or on_step is not None:  # reading values off the device syncs: only when they are used
                     row = {"step": step, "lr": lr, **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, **(knn or {})}
                 if log_now:
-                    row["img_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+                    row["img_per_s"] = seen * world / max(time.perf_counter() - t0, 1e-9)
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
                     result.metrics.append(row)
+                    if board is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                board.add_scalar(k, v, step)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
                                     **({"knn": f"{row['knn_top1']:.1f}"} if "knn_top1" in row else {}))
                 bar.update(1)
@@ -270,20 +308,44 @@ def pretrain(
     finally:
         bar.close()
         metrics_file.close()
+        if board is not None:
+            board.close()
     result.steps = step
     result.skipped = dict(data_loader.total_skipped)
-    done = {"steps": step, "world_size": world}
+    done = {"steps": step, "world_size": world, "distributed": cfg.distributed if world > 1 else None}
     if world > 1:
-        done.update(rank_summary(method, seen, world))
+        done.update(rank_summary(method, seen, keys, world))
+    final = refresh_publishable()  # every rank: a collective under FSDP
     if main and result.metrics:
-        draw_plots(method, run_dir, result.metrics, last_images)
+        draw_plots(final, run_dir, result.metrics, last_images)
     if step >= total and main:
-        result.published = publish_exports(method, cfg, step)
+        result.published = publish_exports(final, cfg, step)
         done["published"] = {k: str(v) for k, v in result.published.items()}
         (run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
     if owns_group:
         torch.distributed.destroy_process_group()
     return result
+
+
+KEYS_TRACKED = 100_000  # per rank; enough to check the rank split without growing with the run
+
+
+def _unsharded_copy(cfg, device: torch.device) -> torch.nn.Module:
+    """A plain copy of the method on rank 0, refreshed from the FSDP shards for evals, plots and export."""
+    with torch.random.fork_rng(devices=[]):  # building draws random init: keep the training streams untouched
+        copy = build_method(cfg).to(device)
+    copy.requires_grad_(False)
+    return copy
+
+
+def _tensorboard(folder: Path):
+    """A TensorBoard SummaryWriter when tensorboard is installed, else None (metrics.jsonl has it all)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: no tb/ events (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(folder))
 
 
 def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], images: torch.Tensor | None) -> None:
@@ -300,45 +362,9 @@ def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], images: tor
         with torch.no_grad(), torch.random.fork_rng():
             rec = method.reconstruct(images, generator=torch.Generator(device=images.device).manual_seed(0))
         method.train(was)
-        cfg = _backbone_cfg(method)
+        cfg = _main_backbone(method).pretrained_cfg
         rows = [rec[k] for k in ("original", "masked", "reconstruction", "pasted") if k in rec]
         image_grid(rows, run_dir / "plots" / "reconstruction.png", mean=cfg["mean"], std=cfg["std"])
-
-
-def init_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group): torchrun's env, gloo on CPU, nccl on GPU."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world, True
-
-
-def average_gradients(module: torch.nn.Module, world: int) -> None:
-    """All-reduce and average the gradients (DDP's job, done explicitly: methods step through
-    `training_step`, not through a wrapped `forward`)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def rank_summary(method: torch.nn.Module, seen: int, world: int) -> dict[str, Any]:
-    """Samples each rank trained on, and whether every rank ends with the same weights."""
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    torch.distributed.all_gather(counts, torch.tensor([seen]))
-    digest = torch.tensor([float(sum(p.detach().double().sum() for p in method.parameters()))], dtype=torch.float64)
-    digests = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    torch.distributed.all_gather(digests, digest)
-    return {"samples_per_rank": [int(c) for c in counts], "ranks_consistent": len({float(d) for d in digests}) == 1}
 
 
 def publish_exports(method, cfg, steps: int) -> dict[str, Path]:
