@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
 
+from measure import peak_bytes, reset_peak
+
 KS = (10, 20, 100, 200)
+CPU = torch.device("cpu")
 
 
 def data(n_train: int, n_test: int, dim: int, classes: int):
@@ -52,38 +54,19 @@ def dino_loop(xtr, ytr, xte, k, T, classes, num_chunks=100):
     return torch.cat(preds)
 
 
-def peak_rss_kib() -> int:
-    """Peak resident memory of this process (VmHWM), KiB."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def reset_peak_rss() -> int:
-    """Reset the peak to the current resident size (Linux clear_refs 5) and return it, KiB."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return peak_rss_kib()
-
-
 def run(method: str, args, queue) -> None:
     torch.set_num_threads(args.threads)
     from zoo.eval.knn import knn_predict  # imported before the baseline: library code is not the method's memory
 
     xtr, ytr, xte, _ = data(args.train, args.test, args.dim, args.classes)
-    base = reset_peak_rss()
+    base = reset_peak(CPU)
     t = time.perf_counter()
     if method == "dino":
         preds = {k: dino_loop(xtr, ytr, xte, k, 0.07, args.classes) for k in KS}
     else:
         preds = {k: p[:, 0] for k, p in knn_predict(xtr, ytr, xte, ks=KS, num_classes=args.classes, top=1).items()}
     sec = time.perf_counter() - t
-    peak = (peak_rss_kib() - base) / 1024
+    peak = (peak_bytes(CPU) - base) / 2**20
     queue.put((method, sec, peak, {k: v.tolist() for k, v in preds.items()}))
 
 
