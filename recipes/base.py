@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,9 @@ class DataSpec:
     optional_fields: tuple[str, ...] = ()
     train_transform: dict[str, Any] = field(default_factory=dict)  # kwargs of zoo.data.transforms.train_transform
     views: int = 1  # >1: the method wants several augmented views per image
+    # per-sample work in the loader's workers after the image transform (pick a caption, tokenize):
+    # sample dict (zoo field names, "image" already a tensor) -> the dict training_step receives, batched
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 class Method(nn.Module):

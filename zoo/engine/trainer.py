@@ -98,8 +98,10 @@ def _make_loader(cfg, method, seed: int):
     tf = train_transform(_main_backbone(method).pretrained_cfg, **spec.train_transform)
 
     def prepare(sample: dict[str, Any]) -> dict[str, Any]:
-        out = {k: sample[k] for k in spec.fields if k != "image"}
+        out = {k: sample[k] for k in (*spec.fields, *spec.optional_fields) if k != "image" and k in sample}
         out["image"] = tf(sample["image"])
+        if spec.prepare is not None:
+            out = spec.prepare(out)
         out["__key__"] = f"{sample.get('__url__')}#{sample.get('__key__')}"  # for the ranks' overlap check
         return out
 
