@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
+from zoo.kernels.triton_support import triton_unavailable
 
 Mask = torch.Tensor | None
 
@@ -146,10 +147,6 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
     """Each backend -> 'available' or why it cannot run on `device`, for `zoo info --kernels` and tests."""
     device = torch.device(device)
@@ -165,12 +162,8 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
         status["flex"] = f"this PyTorch ({torch.__version__}) has no FlexAttention"
     else:
         status["flex"] = "available" if cuda else "needs a CUDA device (PyTorch's FlexAttention has no CPU backward)"
-    if not _importable("triton"):
-        status["triton"] = "triton is not installed (pip install 'zoo[gpu]')"
-    elif cuda or _triton_interpreted():
-        status["triton"] = "available" + ("" if cuda else " (Triton interpreter: TRITON_INTERPRET=1, slow)")
-    else:
-        status["triton"] = "needs a CUDA device (or TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
+    why = triton_unavailable(device)
+    status["triton"] = why or ("available" if cuda else "available (Triton's interpreter, TRITON_INTERPRET=1: slow)")
     return status
 
 

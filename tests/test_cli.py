@@ -169,3 +169,15 @@ def test_eval_zeroshot_and_retrieval_on_scenes(tiny_open_clip, tmp_path, capsys)
     assert "image_to_text_R@1" in out and "text_to_image_R@10" in out
     assert main(["eval", "zeroshot", "vit_nano_patch4_32", "--val", val]) == 2
     assert "needs an image-text model" in capsys.readouterr().err
+
+
+def test_info_kernels_says_what_runs_here_and_why_not(capsys, monkeypatch):
+    monkeypatch.delenv("ZOO_ATTENTION", raising=False)
+    assert main(["info", "--kernels", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    cpu = rec["attention on cpu (default: sdpa)"]
+    assert cpu["sdpa"] == cpu["math"] == "available"
+    assert "CUDA" in cpu["xformers"] and "CUDA" in cpu["flex"]
+    assert rec["torch"] and "attention_kl" in rec
+    assert main(["info"]) == 2
+    assert "--kernels" in capsys.readouterr().err

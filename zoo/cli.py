@@ -111,8 +111,41 @@ def _published_for(arch: str) -> list[str]:
     return [n for n in pretrained_names() if n.split(".")[0] == arch]
 
 
+def kernels_record() -> dict[str, Any]:
+    """Which attention backends and custom kernels run on this machine's devices, and why not the others."""
+    import importlib.metadata
+
+    import torch
+
+    from zoo.kernels.attention import available_backends, choose_backend
+    from zoo.kernels.triton_support import triton_unavailable
+
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    rec: dict[str, Any] = {"torch": torch.__version__}
+    for pkg in ("xformers", "triton"):
+        try:
+            rec[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            rec[pkg] = "not installed"
+    for dev in devices:
+        probe = torch.empty(1, device=dev)
+        try:
+            default = choose_backend(probe)
+        except ZooError as e:
+            default = f"error: {e}"
+        rec[f"attention on {dev} (default: {default})"] = available_backends(dev)
+    rec["attention_kl"] = {dev: "fused Triton kernel" if (why := triton_unavailable(dev)) is None
+                           else f"PyTorch reference (fused Triton kernel: {why})" for dev in devices}
+    return rec
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    rec = info_record(args.name)
+    if args.kernels:
+        rec = kernels_record()
+    elif not args.name:
+        raise ZooError("zoo info needs a model NAME, or --kernels for the attention backends")
+    else:
+        rec = info_record(args.name)
     if args.json:
         print(json.dumps(rec, indent=2, default=str))
         return 0
@@ -383,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("info", help="show a model's architecture, preprocessing and card")
-    s.add_argument("name", help="a published name, a model directory, or an architecture")
+    s.add_argument("name", nargs="?", help="a published name, a model directory, or an architecture")
+    s.add_argument("--kernels", action="store_true", help="show which attention backends and kernels run here, and why not")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_info)
 
