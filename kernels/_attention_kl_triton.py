@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.kernels.triton_support import block_d, dot_precision
+
 @triton.jit
 def _tile(ptr, off_b, off_h, stride_b, stride_h, stride_n, idx, n, d, BLOCK_D: tl.constexpr):
     """Load rows `idx` of one (batch, head) slice, zero outside [0, n) x [0, d)."""
@@ -153,20 +155,6 @@ def _bwd_dk_kernel(
 INTERPRET: bool = type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _block_d(d: int) -> int:
-    """Head dim padded to a power of two, at least 16 (tl.dot's smallest K)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tl.dot precision: near-fp32 for fp32 inputs, native for 16-bit ones (where it is ignored)."""
-    if dtype != torch.float32:
-        return "tf32"
-    if INTERPRET or device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(device)[0] < 8:
-        return "ieee"
-    return "tf32x3"  # three TF32 products: fp32 accuracy on tensor cores
-
-
 def _config(dt: int, ds: int, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> dict:
     """Tile sizes and launch options, chosen so that ptxas reports no (or little) register spilling.
 
@@ -176,8 +164,8 @@ def _config(dt: int, ds: int, dtype: torch.dtype, block_m: int | None, block_n: 
     if dtype == torch.float32:
         tile, launch = 32, {"num_warps": 8, "num_stages": 1}
     else:
-        tile, launch = (32 if max(_block_d(dt), _block_d(ds)) > 64 else 64), {"num_warps": 4}
-    cfg = {"BLOCK_M": block_m or tile, "BLOCK_N": block_n or tile, "BLOCK_DT": _block_d(dt), "BLOCK_DS": _block_d(ds)}
+        tile, launch = (32 if max(block_d(dt), block_d(ds)) > 64 else 64), {"num_warps": 4}
+    cfg = {"BLOCK_M": block_m or tile, "BLOCK_N": block_n or tile, "BLOCK_DT": block_d(dt), "BLOCK_DS": block_d(ds)}
     return cfg if INTERPRET else {**cfg, **launch}
 
 
@@ -210,7 +198,7 @@ def forward(
         q_t, k_t, q_s, k_s, lse_t, lse_s, kl,
         *_strides(q_t), *_strides(k_t), *_strides(q_s), *_strides(k_s),
         h, n, dt, ds, float(scale_t), float(scale_s),
-        PREC=_precision(q_t.dtype, q_t.device), **cfg,
+        PREC=dot_precision(q_t.dtype, q_t.device, INTERPRET), **cfg,
     )
     return kl, lse_t, lse_s
 
@@ -231,7 +219,7 @@ def backward(
     cfg = _config(dt, ds, q_t.dtype, block_m, block_n)
     args = (*_strides(q_t), *_strides(k_t), *_strides(q_s), *_strides(k_s))
     tail = (h, n, dt, ds, float(scale_t), float(scale_s), float(scale_s) / (b * h * n))
-    prec = _precision(q_t.dtype, q_t.device)
+    prec = dot_precision(q_t.dtype, q_t.device, INTERPRET)
     _bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
         q_t, k_t, q_s, k_s, lse_t, lse_s, grad, dq, *args, *_strides(dq), *tail, PREC=prec, **cfg
     )

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import sys
 from types import ModuleType
 
 import torch

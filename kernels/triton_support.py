@@ -38,3 +38,18 @@ def triton_unavailable(device: torch.device | str) -> str | None:
         return ("TRITON_INTERPRET=1 was set after triton was imported (torch imports it early); "
                 "set it before starting Python")
     return None
+
+
+def block_d(d: int) -> int:
+    """A head dim padded to a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device, interpreted: bool) -> str:
+    """tl.dot's input precision: fp32-accurate for fp32 inputs (three TF32 products on sm80+, IEEE
+    elsewhere and in the interpreter), native for 16-bit inputs (where the setting is ignored)."""
+    if dtype != torch.float32:
+        return "tf32"
+    if interpreted or device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(device)[0] < 8:
+        return "ieee"
+    return "tf32x3"

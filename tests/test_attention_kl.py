@@ -4,15 +4,14 @@ through Triton's interpreter, matches the reference in value and in the student'
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import interpreter_results as child_results
+from triton_interpreter import run_cases
 
 from zoo.errors import ZooError
 from zoo.kernels import attention_kl, attention_kl_reference
@@ -109,36 +108,14 @@ def _case_small_blocks_strided():
 
 
 def run_interpreter_cases() -> dict[str, str]:
-    """Entry point of the child process: each case -> "ok" or what failed."""
-    torch.set_num_threads(2)
-    if kl_module.triton_unavailable("cpu") is not None:
-        return {name: kl_module.triton_unavailable("cpu") for name in INTERPRETER_CASES}
-    results = {}
-    for name, (case, args) in INTERPRETER_CASES.items():
-        torch.manual_seed(0)
-        try:
-            globals()[f"_case_{case}"](*args)
-            results[name] = "ok"
-        except AssertionError as e:
-            results[name] = f"{type(e).__name__}: {e}"
-    return results
+    """Entry point of the TRITON_INTERPRET=1 child process."""
+    return run_cases(globals(), INTERPRETER_CASES, kl_module.triton_unavailable("cpu"))
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, str]:
     pytest.importorskip("triton")
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1])\n"
-        "from test_attention_kl import run_interpreter_cases\n"
-        "print('RESULTS=' + json.dumps(run_interpreter_cases()))\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=300
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULTS=")]
-    assert out.returncode == 0 and lines, out.stderr[-4000:]
-    return json.loads(lines[-1].removeprefix("RESULTS="))
+    return child_results("test_attention_kl")
 
 
 @pytest.mark.parametrize("case", INTERPRETER_CASES)
