@@ -294,7 +294,7 @@ def pretrain(
                         for k, v in row.items():
                             if k != "step":
                                 board.add_scalar(k, v, step)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.0f}",
                                     **({"knn": f"{row['knn_top1']:.1f}"} if "knn_top1" in row else {}))
                 bar.update(1)
                 if on_step is not None:
