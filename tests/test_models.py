@@ -1,4 +1,5 @@
-"""Every registered model, automatically: forward, backward, intermediates, publish -> load round trip."""
+"""Every registered model, automatically: forward, backward, intermediates, publish -> load round trip.
+Image-text models (registry meta `modality: image-text`, e.g. a whole CLIP) get their own checks."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import torch
 import zoo
 from zoo.factory import count_params
 from zoo.models.vit import VisionTransformer
+from zoo.registry import MODELS
 
 BIG = 100_000_000  # models above this are tested at a reduced input size and marked slow
 
 
-def _cases() -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if count_params(n) > BIG else n for n in zoo.list_models()]
+def _cases(modality: str = "image") -> list:
+    names = [n for n in zoo.list_models() if MODELS.get(n).meta.get("modality", "image") == modality]
+    return [pytest.param(n, marks=pytest.mark.slow) if count_params(n) > BIG else n for n in names]
 
 
 def _input(model, name: str, batch: int = 2) -> torch.Tensor:
@@ -77,6 +80,27 @@ def test_pretrained_cfg(name):
     assert len(cfg["input_size"]) == 3
     assert len(cfg["mean"]) == len(cfg["std"]) == cfg["input_size"][0]
     assert cfg["interpolation"] in ("bilinear", "bicubic")
+
+
+@pytest.mark.parametrize("name", _cases("image-text"))
+def test_image_text_model(name):
+    """encode_image / encode_text / tokenizer / pretrained_cfg, gradients everywhere, publish -> load."""
+    model = zoo.create_model(name)
+    c, h, w = model.pretrained_cfg["input_size"]
+    x = torch.randn(2, c, h, w)
+    tokens = model.tokenizer(["a red circle", "two blue squares"])
+    img, txt = model.encode_image(x), model.encode_text(tokens)
+    assert img.shape == txt.shape and img.shape[0] == 2
+    (img @ txt.T * model.logit_scale.exp()).logsumexp(dim=1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+    zoo.publish(model, f"{name}.test", {"recipe": "none", "steps": 0})
+    loaded = zoo.load(f"{name}.test")
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), loaded.encode_image(x))
+        assert torch.equal(model.encode_text(tokens), loaded.encode_text(tokens))
+    assert loaded.zoo_card["arch"] == name
 
 
 def test_vit_token_masking_keeps_only_chosen_patches():

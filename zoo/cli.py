@@ -304,7 +304,9 @@ def _finish_eval(args: argparse.Namespace, rows: list[dict[str, Any]], results: 
 
 
 def _tokenizer_for(model) -> Any:
-    """open_clip's tokenizer for a model loaded as open_clip:ARCH[/TAG]."""
+    """The model's own tokenizer (zoo CLIP models carry one), else open_clip's for open_clip:ARCH[/TAG]."""
+    if callable(getattr(model, "tokenizer", None)):
+        return model.tokenizer
     arch = str((getattr(model, "zoo_card", None) or {}).get("arch", ""))
     if not arch.startswith("open_clip:"):
         from zoo.errors import ZooError
@@ -391,6 +393,122 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, steps=args.steps, n_pretrain=args.n, seed=args.seed)
     return 0
+
+
+def _skipped_line(skipped: dict[str, int]) -> str | None:
+    return "skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()) if skipped else None
+
+
+def cmd_captions_score(args: argparse.Namespace) -> int:
+    from zoo.data.captions import score_shards
+
+    model = _model_for_eval(args.model, args.random_weights)
+    rec = score_shards(model, args.data, model_name=args.model, caption=args.caption, out=args.out,
+                       batch_size=args.batch_size, maxcount=args.maxcount)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    pct = "  ".join(f"{k} {rec[k]:.4f}" for k in ("p5", "p25", "p50", "p75", "p95"))
+    print(f"scored {rec['count']} pairs (caption {args.caption!r}): mean {rec['mean']:.4f}  std {rec['std']:.4f}  "
+          f"{pct}  min {rec['min']:.4f}  max {rec['max']:.4f}")
+    if rec["missing_caption"]:
+        print(f"{rec['missing_caption']} sample(s) have no caption {args.caption!r}: not scored")
+    if line := _skipped_line(rec["skipped"]):
+        print(line)
+    if args.out:
+        print(f"wrote the samples with meta clip_score[{args.caption!r}] in {rec['shards']} shard(s) to {rec['out']}")
+    else:
+        print("wrote " + ", ".join(rec["sidecars"]))
+    return 0
+
+
+def cmd_captions_filter(args: argparse.Namespace) -> int:
+    from zoo.data.captions import filter_shards
+
+    model = _model_for_eval(args.model, args.random_weights) if args.model else None
+    rec = filter_shards(args.data, args.out, args.keep_top, caption=args.caption, scores=args.scores, model=model,
+                        model_name=args.model, batch_size=args.batch_size, drop_unscored=args.drop_unscored,
+                        maxcount=args.maxcount)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    print(f"kept {rec['kept']} of {rec['total']} pairs ({100 * rec['kept_fraction']:.1f}%, --keep-top {args.keep_top:g}): "
+          f"CLIP score ({args.caption}) >= {rec['threshold']:.4f}, scores from the {rec['scores_from']}")
+    if rec["unscored_dropped"]:
+        print(f"dropped {rec['unscored_dropped']} sample(s) without a score (--drop-unscored)")
+    if line := _skipped_line(rec["skipped"]):
+        print(line)
+    print(f"wrote {rec['shards']} shard(s) to {rec['out']}; score histogram: {rec['histogram']}")
+    return 0
+
+
+def cmd_captions_recaption(args: argparse.Namespace) -> int:
+    from zoo.data.captions import build_captioner, recaption
+
+    options = {k: getattr(args, k) for k in ("generation", "seed", "seq_len") if getattr(args, k) is not None}
+    captioner = build_captioner(args.captioner, **options)  # only what was asked: other backends take other options
+    rec = recaption(args.data, args.out, captioner, name=args.name, n_captions=args.n_captions,
+                    batch_size=args.batch_size, maxcount=args.maxcount)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    print(f"captioned {rec['samples']} samples with {args.captioner} ({rec['captions']} captions), under meta "
+          f"captions[{args.name!r}]; wrote {rec['shards']} shard(s) to {rec['out']}")
+    if rec["example"]:
+        print(f"e.g. {rec['example'][0]!r}")
+    if rec["empty"]:
+        print(f"{rec['empty']} empty caption(s) left out")
+    if line := _skipped_line(rec["skipped"]):
+        print(line)
+    return 0
+
+
+def _captions_parser(sub: Any) -> None:
+    """`zoo captions score|filter|recaption`: CLIP scores, DFN-style filtering, synthetic captions."""
+    cap = sub.add_parser("captions", help="score, filter and recaption image-text shards").add_subparsers(
+        dest="captions_command", required=True, metavar="CAPTIONS_COMMAND")
+    caption_help = "caption to score: 'caption' (the txt member, default) or a name in meta['captions']"
+    s = cap.add_parser("score", help="CLIP score of every image-caption pair, beside the shards or into new ones")
+    s.add_argument("model", help="an image-text model, e.g. open_clip:ViT-B-32/TAG or a published one")
+    s.add_argument("--data", required=True, help="shards, e.g. 'data/{00000..00009}.tar'")
+    s.add_argument("--caption", default="caption", help=caption_help)
+    s.add_argument("--out", help="write new shards here, the score in meta['clip_score'] (default: a JSONL beside the shards)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per output shard (default 1000)")
+    s.add_argument("--random-weights", action="store_true", help="score with the architecture's random weights (tests)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_captions_score)
+    s = cap.add_parser("filter", help="keep the best-aligned fraction of pairs by CLIP score (DFN style)")
+    s.add_argument("--data", required=True, help="shards, e.g. 'data/*.tar'")
+    s.add_argument("--keep-top", type=float, required=True, metavar="FRACTION",
+                   help="fraction in (0, 1] to keep, e.g. 0.3: the ceil(FRACTION x N) best-scored pairs")
+    s.add_argument("--out", required=True, help="output folder for the kept samples' shards and scores.png")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--scores", help="a scores JSONL from `zoo captions score` (default: meta['clip_score'], "
+                                      "else the one score file beside the shards)")
+    src.add_argument("--model", help="score now with this image-text model")
+    s.add_argument("--caption", default="caption", help=caption_help)
+    s.add_argument("--drop-unscored", action="store_true", help="drop samples without a score instead of failing")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per output shard (default 1000)")
+    s.add_argument("--random-weights", action="store_true", help="with --model: its random weights (tests)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_captions_filter)
+    s = cap.add_parser("recaption", help="add generated captions to every sample (e.g. open_clip CoCa)")
+    s.add_argument("--captioner", required=True, help="coca:ARCH/TAG, e.g. coca:coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k "
+                                                      "(no TAG: random weights)")
+    s.add_argument("--data", required=True, help="shards, e.g. 'data/*.tar'")
+    s.add_argument("--out", required=True, help="output folder for the new shards")
+    s.add_argument("--name", default="synthetic", help="the captions go to meta['captions'][NAME] (default synthetic)")
+    s.add_argument("--n-captions", type=int, default=1, metavar="K", help="captions per image (default 1)")
+    s.add_argument("--generation", choices=["top_p", "top_k", "greedy", "beam"],
+                   help="CoCa decoding: nucleus sampling (default), top-k, greedy, or beam search (needs transformers<5)")
+    s.add_argument("--seq-len", type=int, help="CoCa: most tokens per caption, with start and end (default 30)")
+    s.add_argument("--seed", type=int, help="seed of the sampling (default 0)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--maxcount", type=int, default=1000, help="samples per output shard (default 1000)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_captions_recaption)
 
 
 def _eval_outputs(s: argparse.ArgumentParser) -> None:
@@ -518,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pattern", help="shards: 'dir/{00000..00009}.tar' or 'dir/*.tar'")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_shards_check)
+    _captions_parser(sub)
     return p
 
 

@@ -305,7 +305,8 @@ def write_shards(
     desc: str = "writing shards",
 ) -> list[Path]:
     """Write samples (dicts of zoo fields) as `OUT/00000.tar, ...` with 9-digit keys, plus `sizes.json`
-    and, when `info` is given, `dataset.json`. Each shard appears whole (written aside, then renamed)."""
+    and, when `info` is given, `dataset.json`. Each shard appears whole (written aside, then renamed).
+    A sample's `__members__` ({extension: bytes}) are written verbatim: members copied from another shard."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
@@ -343,6 +344,9 @@ def write_shards(
                 ext, data = encode_field(field, value, image_format=fmt, quality=quality)
                 _add_member(tar, f"{key}.{ext}", data, mtime)
                 fields_seen.add(field)
+            for ext, data in (sample.get("__members__") or {}).items():
+                _add_member(tar, f"{key}.{ext}", data, mtime)
+                fields_seen.add(field_of(ext))
             n_in_shard += 1
         close()
     except BaseException:
