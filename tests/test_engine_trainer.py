@@ -114,6 +114,11 @@ def test_bf16_autocast_trains(fractal_shards, tmp_path):
     assert res.steps == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in res.metrics)
 
 
+def test_checkpoint_every_zero_writes_only_the_last(fractal_shards, tmp_path):
+    pretrain(recipe(fractal_shards, steps=3, checkpoint_every=0), run_dir=tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000000003.pt"]
+
+
 def test_tensorboard_events_hold_the_logged_metrics(fractal_shards, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -299,7 +299,8 @@ def pretrain(
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, row)
-                if step % cfg.output.checkpoint_every == 0 or step == limit:
+                every = cfg.output.checkpoint_every  # 0: only at the end
+                if (every and step % every == 0) or step == limit:
                     checkpoint(i + 1, epoch)
                 if step >= limit:
                     break
