@@ -13,8 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
-from zoo.kernels.attention import attention, attention_varlen, attention_weights, available_backends, choose_backend
-from zoo.kernels.attention import BACKENDS, _flex  # noqa: E402
+from zoo.kernels.attention import (
+    BACKENDS,
+    _flex,
+    attention,
+    attention_varlen,
+    attention_weights,
+    available_backends,
+    choose_backend,
+    combined_mask,
+)
 
 CPU_BACKENDS = [b for b, why in available_backends("cpu").items() if why == "available"]
 
@@ -99,8 +107,6 @@ def test_flex_backend_mask_translation_on_cpu():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
         for kind in ("none", "bool", "float", "padding", "causal+padding"):
             attn_mask, pad, causal, full = make_mask(kind, 2, 33, 33)
-            from zoo.kernels.attention import combined_mask
-
             out = _flex(q, k, v, combined_mask(q, k, attn_mask, pad, causal))
             assert torch.allclose(out.double(), reference(q, k, v, full), atol=2e-5), kind
 
