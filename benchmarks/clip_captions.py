@@ -92,7 +92,7 @@ def main() -> None:
                            overrides=[f"method.captions={policy}", f"seed={seed}", f"schedule.steps={args.steps}",
                                       f"data.batch_size={args.batch}", f"output.publish={name}", "data.num_workers=1",
                                       "output.checkpoint_every=0"])
-            tower, whole = zoo.load(name), zoo.load(f"{name}_clip")
+            tower, whole = zoo.load(name), zoo.load(name.replace("clip_vit_nano", "clip_nano", 1))
             results[policy][seed] = {**evaluate(tower, whole, data, classes),
                                      "final loss": res.metrics[-1]["loss"]}
             print(json.dumps(results[policy][seed]), flush=True)

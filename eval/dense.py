@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.engine.schedule import warmup_cosine
+from zoo.schedule import warmup_cosine
 from zoo.errors import ZooError
 from zoo.eval.linear import heldout_split
 

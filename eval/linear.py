@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.engine.schedule import warmup_cosine
+from zoo.schedule import warmup_cosine
 from zoo.errors import ZooError
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)

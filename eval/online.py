@@ -27,6 +27,7 @@ class OnlineKNN:
         *,
         every: int = 500,
         k: int = 20,
+        temperature: float = 0.07,
         variant: str = "cls",
         transform: Callable[[Any], torch.Tensor] | None = None,
         max_samples: int | None = 2000,
@@ -35,7 +36,7 @@ class OnlineKNN:
         if every <= 0:
             raise ZooError(f"online kNN needs every >= 1 step, got {every}")
         self.train_urls, self.val_urls = train, val
-        self.every, self.k, self.variant = every, k, variant
+        self.every, self.k, self.temperature, self.variant = every, k, temperature, variant
         self.transform = transform
         self.max_samples = max_samples
         self.batch_size = batch_size
@@ -83,7 +84,8 @@ class OnlineKNN:
             try:
                 xtr, ytr = self._images("train", self.train_urls, model)
                 xva, yva = self._images("val", self.val_urls, model)
-                res = knn_eval(self.features(model, xtr), ytr, self.features(model, xva), yva, ks=(self.k,))
+                res = knn_eval(self.features(model, xtr), ytr, self.features(model, xva), yva, ks=(self.k,),
+                               temperature=self.temperature)
             finally:
                 model.train(was_training)
         return {"knn_top1": res[f"top1_k{self.k}"]}

@@ -21,8 +21,9 @@ shards' `txt` member) or an entry of the `json` member's `captions` (see
 caption plays the web alt-text and `exact` / `short` the quality captions; for real shards use e.g.
 `alt_caption: caption` and the names of the synthetic captions in the json.
 
-Registered as `RECIPES["clip"]`; `export()` gives the image tower (published under `output.publish`)
-and the whole model (under `output.publish` + `_clip`, for zero-shot and retrieval).
+Registered as `RECIPES["clip"]`; `export()` gives the image tower (published under `output.publish`,
+e.g. `clip_vit_nano_patch4_32.TAG`) and the whole model (under its own arch and the same tag,
+`clip_nano_patch4_32.TAG`, for zero-shot and retrieval).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import torch
 import torch.nn as nn
 
 import zoo
-from zoo.data.transforms import choose_caption, named_captions
+from zoo.data.transforms import choose_caption, named_captions, train_transform
 from zoo.errors import ConfigError
 from zoo.models.clip import resolve_clip_arch
-from zoo.recipes.base import DataSpec, Method
+from zoo.recipes.base import DataSpec, Method, Progress
 from zoo.registry import RECIPES
 
 CAPTION_POLICIES = ("alt", "quality", "mix:P", "both")
@@ -78,15 +79,17 @@ class CaptionPolicy:
 
 
 class CaptionSampler:
-    """The per-sample caption choice and tokenization (`DataSpec.prepare`, run in loader workers).
+    """The per-sample transform (`DataSpec.transform`, run in loader workers): the image through
+    `image` (the train transform), then the caption choice and its tokens.
 
     Every draw comes from torch's global RNG, which the loader seeds per worker, so a run's
     caption stream is fixed by its seed.
     """
 
     def __init__(self, policy: CaptionPolicy, alt: str, quality: Sequence[str],
-                 tokenizer: Callable[[list[str]], torch.Tensor]):
+                 tokenizer: Callable[[list[str]], torch.Tensor], image: Callable[[Any], torch.Tensor] | None = None):
         self.policy, self.alt, self.quality, self.tokenizer = policy, alt, tuple(quality), tokenizer
+        self.image = image
 
     def alt_caption(self, sample: Mapping[str, Any]) -> str:
         return choose_caption(sample, {self.alt: 1.0})[1]
@@ -112,8 +115,9 @@ class CaptionSampler:
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         """{"image", "text": LongTensor (context,)} and, for `both`, "text_quality"."""
+        image = sample["image"] if self.image is None else self.image(sample["image"])
         tokens = self.tokenizer(self.choose(sample))
-        out = {"image": sample["image"], "text": tokens[0]}
+        out = {"image": image, "text": tokens[0]}
         if self.policy.kind == "both":
             out["text_quality"] = tokens[1]
         return out
@@ -206,7 +210,7 @@ class CLIP(Method):
             out["logit_bias"] = self.model.logit_bias.detach()
         return out
 
-    def on_step_end(self, step: int, total_steps: int) -> None:
+    def on_step_end(self, progress: Progress) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
@@ -215,15 +219,20 @@ class CLIP(Method):
 
     def data_spec(self) -> DataSpec:
         names = (self.alt_caption, *self.quality_captions) if self.policy.kind != "alt" else (self.alt_caption,)
-        sampler = CaptionSampler(self.policy, self.alt_caption, self.quality_captions, self.model.tokenizer)
         # open_clip's training crop (scale 0.9-1, no flip: captions say "left" and "right")
-        return DataSpec(fields=("image",), optional_fields=tuple(dict.fromkeys((*names, "meta"))),
-                        train_transform={"scale": (0.9, 1.0), "hflip": 0.0, "interpolation": "bicubic"},
-                        prepare=sampler)
+        image = train_transform(self.model.visual.pretrained_cfg, scale=(0.9, 1.0), hflip=0.0, interpolation="bicubic")
+        sampler = CaptionSampler(self.policy, self.alt_caption, self.quality_captions, self.model.tokenizer, image)
+        return DataSpec(fields=("image",), optional_fields=tuple(dict.fromkeys((*names, "meta"))), transform=sampler)
 
-    def export(self) -> dict[str, nn.Module]:
-        """The image tower (a zoo backbone: preprocessing and online kNN read it) and the whole model."""
-        return {"": self.model.visual, "clip": self.model}
+    def backbone(self) -> nn.Module:
+        """The image tower, a zoo backbone: online kNN and the final evals read it."""
+        return self.model.visual
+
+    def export(self, name: str) -> dict[str, nn.Module]:
+        """The image tower under `name` and the whole model (zero-shot, retrieval) under its own arch
+        with the same tag: `clip_vit_nano_patch4_32.T` and `clip_nano_patch4_32.T`."""
+        tag = name.split(".", 1)[1]
+        return {name: self.model.visual, f"{self.arch.clip_arch}.{tag}": self.model}
 
 
 RECIPES.register(

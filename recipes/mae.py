@@ -17,8 +17,8 @@ Naming: inside the method the encoder is `encoder.*` and the decoder `decoder.*`
 
 from __future__ import annotations
 
-import inspect
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -26,9 +26,9 @@ import torch.nn as nn
 
 import zoo
 from zoo.errors import ConfigError
-from zoo.models.vit import Block, VisionTransformer, sincos_pos_embed_2d
-from zoo.recipes.base import DataSpec, Method
-from zoo.registry import MODELS, RECIPES, close_matches
+from zoo.models.vit import Block, sincos_pos_embed_2d
+from zoo.recipes.base import DataSpec, Method, check_vit_overrides
+from zoo.registry import MODELS, RECIPES
 
 NORM_PIX_EPS = 1e-6
 DECODER_KEY_PREFIXES = ("decoder_", "mask_token")  # models_mae keys that belong to the decoder
@@ -220,15 +220,7 @@ class MAE(Method):
             raise ConfigError(f"mae: mask_ratio must be in (0, 1), got {mask_ratio}")
         if MODELS.get(arch).meta.get("family") != "vit":
             raise ConfigError(f"mae: {arch!r} is not a ViT architecture; MAE masks the patch tokens of a zoo ViT")
-        vit_args = [n for n in inspect.signature(VisionTransformer).parameters]
-        for key in arch_overrides:  # a typo would otherwise surface as a TypeError deep in the model
-            if key not in vit_args:
-                own = [n for n in inspect.signature(MAE).parameters if n != "arch_overrides"]
-                hint = close_matches(key, own + vit_args, n=1)
-                raise ConfigError(
-                    f"mae: unknown argument {key!r} (neither an MAE argument nor a ViT argument)"
-                    + (f"; did you mean {hint[0]!r}?" if hint else "")
-                )
+        check_vit_overrides(MAE, "mae", arch_overrides)
         for key, need in (("global_pool", "token"), ("num_classes", 0), ("class_token", True)):
             if key in arch_overrides and arch_overrides[key] != need:
                 raise ConfigError(
@@ -303,9 +295,20 @@ class MAE(Method):
     # list): no decay for 1-D params and biases, cls_token and mask_token (3-D) decayed, and the
     # frozen sin-cos position embeddings (requires_grad=False) left out.
 
-    def export(self) -> dict[str, nn.Module]:
-        """The encoder, a plain zoo ViT (`zoo.load` rebuilds it from its card)."""
-        return {"": self.encoder}
+    def backbone(self) -> nn.Module:
+        """The encoder, a plain zoo ViT: what is published (`zoo.load` rebuilds it from its card)."""
+        return self.encoder
+
+    def draw(self, batch: dict[str, Any], folder: Path) -> list[Path]:
+        """plots/reconstruction.png: original, masked, reconstruction and pasted rows of 8 images."""
+        from zoo.engine.plots import image_grid
+
+        images = batch["image"][:8]
+        rec = self.reconstruct(images, generator=torch.Generator(device=images.device).manual_seed(0))
+        cfg = self.encoder.pretrained_cfg
+        names = ("original", "masked", "reconstruction", "pasted")
+        return [image_grid([rec[k] for k in names], folder / "reconstruction.png", mean=cfg["mean"], std=cfg["std"],
+                           row_labels=names)]
 
     # -- official checkpoints --------------------------------------------------------------------
     def official_state_dict(self) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from PIL import Image
 import zoo
 from zoo.cli import main
 from zoo.data.builtin import generate
-from zoo.data.captions import (
+from zoo.tools.captions import (
     CAPTIONERS,
     Captioner,
     CocaCaptioner,

@@ -24,12 +24,10 @@ FULL = textwrap.dedent("""\
       drop_path_rate: 0.0
     data:
       train: shards/train-{00000..00015}.tar
-      val: shards/val-{00000..00001}.tar
       batch_size: 128
       num_workers: 2
       resampled: true
       epoch_samples: 20000
-      image_size: 32
     optim:
       blr: 1.5e-4
       weight_decay: 0.05
@@ -41,8 +39,8 @@ FULL = textwrap.dedent("""\
       warmup_frac: 0.1
       min_lr: 1e-6
     eval:
-      knn_train: data/digits/train/*.tar
-      knn_val: data/digits/val/*.tar
+      train: data/digits/train/*.tar
+      val: data/digits/val/*.tar
       every: 500
       k: 10
       final: [knn, linear]
@@ -330,7 +328,8 @@ def test_validate_method_args_explicit_signature():
     assert isinstance(out["mask_ratio"], float)
     with pytest.raises(ConfigError) as info:
         validate_method_args(Explicit, {"mask_ration": 0.9})
-    assert str(info.value) == "unknown method arg 'method.mask_ration' for Explicit; did you mean 'method.mask_ratio'?"
+    assert str(info.value) == ("unknown method arg 'method.mask_ration' for Explicit; did you mean 'method.mask_ratio'? "
+                               "valid: backbone, mask_ratio, norm_pix_loss, decoder_dim, loss_kind")
     with pytest.raises(ConfigError, match="method.decoder_dim must be an integer, got 'big'"):
         validate_method_args(Explicit, {"decoder_dim": "big"})
 

@@ -1,4 +1,4 @@
-"""Converters: official MAE checkpoints into zoo ViTs, zoo ViTs into timm's VisionTransformer."""
+"""Converters: official MAE and DINO checkpoints into zoo ViTs, zoo ViTs into timm's VisionTransformer."""
 
 from __future__ import annotations
 
@@ -116,6 +116,92 @@ def test_mae_checkpoint_at_other_resolution_resamples_pos_embed(tmp_path):
     torch.save({"model": ref.state_dict()}, path)
     model = zoo.load(path, arch="vit_nano_patch4_32")
     assert model.pos_embed.shape == (1, 65, 128)
+
+
+DINO_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+
+
+def dino_vit(seed: int, **sizes) -> TimmViT:
+    """facebookresearch/dino's `vision_transformer.VisionTransformer` uses timm's parameter names: a timm ViT
+    without a classifier stands in for it."""
+    torch.manual_seed(seed)
+    return _randomize_norms(TimmViT(**{**DINO_VIT, **sizes}, num_classes=0)).eval()
+
+
+def dino_head(prefix: str, embed_dim: int, seed: int, out_dim: int = 100) -> dict[str, torch.Tensor]:
+    """The keys of DINO's `DINOHead` inside `MultiCropWrapper`: a 3-layer MLP, then a weight-normed last layer."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, bottleneck = 96, 32
+    shapes = {"mlp.0.weight": (hidden, embed_dim), "mlp.0.bias": (hidden,), "mlp.2.weight": (hidden, hidden),
+              "mlp.2.bias": (hidden,), "mlp.4.weight": (bottleneck, hidden), "mlp.4.bias": (bottleneck,),
+              "last_layer.weight_g": (out_dim, 1), "last_layer.weight_v": (out_dim, bottleneck)}
+    return {f"{prefix}head.{k}": torch.randn(shape, generator=g) for k, shape in shapes.items()}
+
+
+def dino_checkpoint(form: str, teacher: TimmViT, student: TimmViT) -> dict:
+    """A checkpoint as facebookresearch/dino writes it (main_dino.py's save_dict, no `args`), or as released."""
+    dim = teacher.embed_dim
+    t = {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()}, **dino_head("", dim, 1)}
+    s = {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()}, **dino_head("module.", dim, 2)}
+    if form == "full":
+        return {"student": s, "teacher": t, "epoch": 100, "dino_loss": {"center": torch.randn(1, 100)},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "params": [0, 1, 2]}]}}
+    if form == "teacher_only":
+        return {"teacher": t}
+    if form == "ibot_style":  # the teacher's backbone carries its masked-patch embedding
+        return {"teacher": {**t, "backbone.masked_embed": torch.randn(1, dim)}, "student": s}
+    if form == "backbone_only":  # like dino_deitsmall16_pretrain.pth
+        return teacher.state_dict()
+    raise ValueError(form)
+
+
+@pytest.mark.parametrize("form", ["full", "teacher_only", "ibot_style", "backbone_only"])
+def test_official_dino_checkpoint_loads_the_teacher_with_same_features(tmp_path, form):
+    teacher, student = dino_vit(seed=0), dino_vit(seed=1)
+    path = tmp_path / f"dino_{form}.pth"
+    torch.save(dino_checkpoint(form, teacher, student), path)
+
+    model = zoo.load(path, arch="vit_nano_patch4_32", embed_dim=64, depth=2, num_heads=2)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = teacher.forward_features(x)
+        got = model.forward_features(x)
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+        assert not torch.allclose(got, student.forward_features(x), atol=1e-2), "loaded the student"
+        assert torch.allclose(model(x), expected[:, 0], atol=1e-5)
+
+
+def test_dino_checkpoint_into_wrong_arch_names_the_keys(tmp_path):
+    path = tmp_path / "dino_full.pth"
+    torch.save(dino_checkpoint("full", dino_vit(seed=0), dino_vit(seed=1)), path)
+    with pytest.raises(zoo.errors.CheckpointMismatchError) as err:
+        zoo.load(path, arch="vit_nano_patch4_32")  # 128 wide, 4 deep
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "blocks.2.norm1.weight" in msg and "cls_token (1, 1, 64) vs model (1, 1, 128)" in msg
+    assert "backbone." not in msg and "head." not in msg, "prefixes and the projection head leaked through"
+
+
+def test_official_dino_training_checkpoint_needs_trust(tmp_path):
+    """main_dino.py saves its argparse args: refused by weights_only, converted with --trust-pickle."""
+    import argparse
+
+    from zoo.cli import main
+
+    nano = dict(embed_dim=128, depth=4, num_heads=4)  # vit_nano_patch4_32 as registered: `zoo convert` takes no overrides
+    teacher, student = dino_vit(seed=0, **nano), dino_vit(seed=1, **nano)
+    ckpt = dino_checkpoint("full", teacher, student)
+    ckpt["args"] = argparse.Namespace(arch="vit_nano", patch_size=4, out_dim=100)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(ckpt, path)
+    with pytest.raises(zoo.errors.UnsafeCheckpointError, match="--trust-pickle"):
+        zoo.load(path, arch="vit_nano_patch4_32")
+    out = tmp_path / "dino_nano.safetensors"
+    assert main(["convert", str(path), str(out), "--arch", "vit_nano_patch4_32", "--trust-pickle"]) == 0
+    model = zoo.load(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), teacher.forward_features(x), atol=1e-5)
 
 
 def _randomize_norms(model):

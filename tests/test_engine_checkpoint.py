@@ -16,7 +16,7 @@ from zoo.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from zoo.engine.schedule import warmup_cosine
+from zoo.schedule import warmup_cosine
 
 
 def state(step, fp="abc"):

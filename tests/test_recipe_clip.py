@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import zoo
 from zoo.errors import ConfigError, SampleError
-from zoo.recipes.base import DataSpec
+from zoo.recipes.base import DataSpec, Progress
 from zoo.recipes.clip import CLIP, CaptionPolicy, CaptionSampler
 from zoo.registry import MODELS, RECIPES
 
@@ -21,10 +22,10 @@ DRAWS = 2000
 
 
 def scene_sample(**captions) -> dict:
-    """A sample as DataSpec.prepare sees it: image tensor, `meta` captions as built-in scenes have them."""
+    """A decoded sample as the data spec's transform sees it: an image, `meta` captions as built-in scenes have them."""
     caps = captions or {"exact": "a large red circle at the top left, on a striped background",
                         "short": "a red circle", "noisy": "Red Circle Vector Icon"}
-    return {"image": torch.zeros(3, 32, 32), "meta": {"captions": caps}}
+    return {"image": Image.new("RGB", (32, 32)), "meta": {"captions": caps}}
 
 
 def sampler(policy: str, alt: str = "noisy", quality=("exact", "short")) -> CaptionSampler:
@@ -96,33 +97,33 @@ def test_missing_captions_are_sample_errors_that_say_what_the_sample_has():
         sampler("quality").choose(scene_sample(noisy="n"))
 
 
-def test_prepare_tokenizes_in_the_data_spec(method):
+def test_transform_crops_and_tokenizes_in_the_data_spec(method):
     spec = method.data_spec()
-    assert isinstance(spec, DataSpec) and spec.prepare is not None
-    assert "meta" in spec.optional_fields and spec.train_transform["hflip"] == 0.0  # captions say left/right
-    out = spec.prepare(scene_sample())
-    assert set(out) == {"image", "text"}
+    assert isinstance(spec, DataSpec) and spec.transform is not None
+    assert "meta" in spec.optional_fields
+    flips = [op for op in spec.transform.image.transforms if "Flip" in type(op).__name__]
+    assert not flips  # captions say left and right
+    out = spec.transform(scene_sample())
+    assert set(out) == {"image", "text"} and out["image"].shape == (3, 32, 32) and out["image"].dtype == torch.float32
     assert out["text"].dtype == torch.long and out["text"].shape == (32,)
     tok = method.model.tokenizer
     assert any(torch.equal(out["text"], tok([t])[0]) for t in scene_sample()["meta"]["captions"].values())
-    both = CLIP(ARCH, captions="both").data_spec().prepare(scene_sample())
+    both = CLIP(ARCH, captions="both").data_spec().transform(scene_sample())
     assert set(both) == {"image", "text", "text_quality"}
     assert torch.equal(both["text"], tok(["Red Circle Vector Icon"])[0])
 
 
 def test_caption_stream_follows_the_loader_seed(tmp_path, method):
     """rng=None: the loader's per-worker seeding fixes every caption choice."""
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
     from zoo.data import loader, write_shards
     from zoo.data.builtin import generate
 
     write_shards(generate("scenes", 24, size=32), tmp_path / "s", maxcount=24)
-    prepare = CLIP(ARCH, captions="mix:0.5").data_spec().prepare
+    transform = CLIP(ARCH, captions="mix:0.5").data_spec().transform
 
     def texts(seed: int) -> torch.Tensor:
         data = loader(str(tmp_path / "s" / "00000.tar"), fields=("image",), optional_fields=("meta",), batch_size=8,
-                      transform=lambda s: prepare({**s, "image": pil_to_tensor(s["image"])}), seed=seed, shuffle=0)
+                      transform=transform, seed=seed, shuffle=0)
         return torch.cat([b["text"] for b in data])
 
     assert torch.equal(texts(1), texts(1))
@@ -186,7 +187,7 @@ def test_both_sums_the_alt_and_quality_losses():
 def test_logit_scale_is_clamped_after_each_step(method):
     with torch.no_grad():
         method.model.logit_scale.fill_(10.0)
-    method.on_step_end(0, 10)
+    method.on_step_end(Progress(1, 10, 0, 5))
     assert math.isclose(float(method.model.logit_scale.detach().exp()), 100.0, rel_tol=1e-5)
 
 
@@ -233,26 +234,26 @@ def test_image_tower_is_open_clips_visual():
 
 
 def test_export_and_publish(method):
-    exported = method.export()
-    assert list(exported) == ["", "clip"]
-    tower, whole = exported[""], exported["clip"]
-    assert tower.zoo_arch == "clip_vit_nano_patch4_32" and whole.zoo_arch == ARCH
+    exported = method.export("clip_vit_nano_patch4_32.t")
+    assert list(exported) == ["clip_vit_nano_patch4_32.t", "clip_nano_patch4_32.t"]  # each under its own arch
+    tower, whole = exported.values()
+    assert tower.zoo_arch == "clip_vit_nano_patch4_32" and whole.zoo_arch == ARCH and method.backbone() is tower
     assert tower is whole.visual and tower.pretrained_cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    zoo.publish(tower, "clip_vit_nano_patch4_32.t", {"recipe": "clip"})
-    zoo.publish(whole, "clip_vit_nano_patch4_32.t_clip", {"recipe": "clip"})
+    for name, model in exported.items():
+        zoo.publish(model, name, {"recipe": "clip"})
     x = torch.randn(2, 3, 32, 32)
     method.eval()
     with torch.no_grad():
         assert torch.equal(zoo.load("clip_vit_nano_patch4_32.t")(x), method.model.encode_image(x))
-        assert torch.equal(zoo.load("clip_vit_nano_patch4_32.t_clip").encode_image(x), method.model.encode_image(x))
+        assert torch.equal(zoo.load("clip_nano_patch4_32.t").encode_image(x), method.model.encode_image(x))
 
 
 def test_siglip_model_reloads_with_its_logit_bias():
-    whole = CLIP(ARCH, loss="siglip").export()["clip"]
+    whole = CLIP(ARCH, loss="siglip").export("clip_vit_nano_patch4_32.sig")["clip_nano_patch4_32.sig"]
     with torch.no_grad():
         whole.logit_bias.fill_(-7.5)
-    zoo.publish(whole, "clip_vit_nano_patch4_32.sig_clip", {"recipe": "clip"})
-    loaded = zoo.load("clip_vit_nano_patch4_32.sig_clip")
+    zoo.publish(whole, "clip_nano_patch4_32.sig", {"recipe": "clip"})
+    loaded = zoo.load("clip_nano_patch4_32.sig")
     assert float(loaded.logit_bias.detach()) == -7.5 and loaded.zoo_card["args"]["init_logit_bias"] == -10.0
 
 
@@ -332,7 +333,7 @@ def test_trains_publishes_and_zero_shots(tmp_path):
                    run_dir=tmp_path / "run")
     losses = [m["loss"] for m in res.metrics]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5, losses
-    assert set(res.published) == {"clip_vit_nano_patch4_32.e2e", "clip_vit_nano_patch4_32.e2e_clip"}
+    assert set(res.published) == {"clip_vit_nano_patch4_32.e2e", "clip_nano_patch4_32.e2e"}
 
     # the published tower gives the embedding the trained model computes
     trained = CLIP(ARCH, captions="quality")
@@ -343,7 +344,7 @@ def test_trains_publishes_and_zero_shots(tmp_path):
     with torch.no_grad():
         assert torch.allclose(tower(x), trained.model.encode_image(x), atol=1e-6)
 
-    whole = zoo.load("clip_vit_nano_patch4_32.e2e_clip")
+    whole = zoo.load("clip_nano_patch4_32.e2e")
     val = colour_labelled_scenes(tmp_path / "val", 300)
     colours = list(scenes.COLORS)
     zs = zero_shot_eval(whole, whole.tokenizer, val, colours, ("a {} shape",), batch_size=100)

@@ -317,10 +317,10 @@ def test_param_groups_follow_mae_rule():
 
 def test_export_publishes_and_reloads(isolated_zoo_home):
     model = small_mae()
-    exported = model.export()
-    assert set(exported) == {""}
-    enc = exported[""]
-    assert enc is model.encoder
+    exported = model.export("vit_nano_patch4_32.mae_test")
+    assert set(exported) == {"vit_nano_patch4_32.mae_test"}
+    enc = exported["vit_nano_patch4_32.mae_test"]
+    assert enc is model.encoder is model.backbone()
     zoo.publish(enc, "vit_nano_patch4_32.mae_test", card={"recipe": "mae"})
     back = zoo.load("vit_nano_patch4_32.mae_test")
     assert set(back.state_dict()) == set(enc.state_dict())

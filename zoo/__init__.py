@@ -9,7 +9,6 @@
 __version__ = "0.1.0"
 
 from zoo.errors import ZooError  # noqa: E402
-from zoo.factory import create_model, list_models  # noqa: E402
-from zoo.hub import load, publish, register_weights  # noqa: E402
+from zoo.hub import create_model, list_models, load, publish, register_weights  # noqa: E402
 
 __all__ = ["__version__", "ZooError", "create_model", "list_models", "load", "publish", "register_weights"]

@@ -400,7 +400,7 @@ def _skipped_line(skipped: dict[str, int]) -> str | None:
 
 
 def cmd_captions_score(args: argparse.Namespace) -> int:
-    from zoo.data.captions import score_shards
+    from zoo.tools.captions import score_shards
 
     model = _model_for_eval(args.model, args.random_weights)
     rec = score_shards(model, args.data, model_name=args.model, caption=args.caption, out=args.out,
@@ -423,7 +423,7 @@ def cmd_captions_score(args: argparse.Namespace) -> int:
 
 
 def cmd_captions_filter(args: argparse.Namespace) -> int:
-    from zoo.data.captions import filter_shards
+    from zoo.tools.captions import filter_shards
 
     model = _model_for_eval(args.model, args.random_weights) if args.model else None
     rec = filter_shards(args.data, args.out, args.keep_top, caption=args.caption, scores=args.scores, model=model,
@@ -443,7 +443,7 @@ def cmd_captions_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_captions_recaption(args: argparse.Namespace) -> int:
-    from zoo.data.captions import build_captioner, recaption
+    from zoo.tools.captions import build_captioner, recaption
 
     options = {k: getattr(args, k) for k in ("generation", "seed", "seq_len") if getattr(args, k) is not None}
     captioner = build_captioner(args.captioner, **options)  # only what was asked: other backends take other options

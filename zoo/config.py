@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import string
 import types
@@ -23,10 +24,11 @@ import yaml
 
 from zoo.errors import ConfigError
 from zoo.registry import close_matches
+from zoo.schedule import Schedule
 
 __all__ = [
     "MethodConfig", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "EvalConfig",
-    "OutputConfig", "RunConfig", "load_config", "parse_override", "to_dict", "save_config",
+    "OutputConfig", "RunConfig", "load_config", "installed_recipes", "parse_override", "to_dict", "save_config",
     "validate_method_args",
 ]
 
@@ -328,15 +330,13 @@ class DataConfig(_Section):
 
     _section: ClassVar[str] = "data"
 
-    train: str | None = None  # shard pattern, e.g. 'shards/train-{00000..00015}.tar'
-    val: str | None = None
+    train: str | None = None  # shard pattern, e.g. 'shards/train-{00000..00015}.tar', or 'builtin:NAME'
     batch_size: int = 64  # per process; the global batch is batch_size * accum_steps * world size
     num_workers: int = 0
     resampled: bool = False  # sample shards with replacement; epochs are virtual (epoch_samples)
-    epoch_samples: int | None = None  # samples per (virtual) epoch; default: read from the shards' metadata
+    epoch_samples: int | None = None  # samples per (virtual) epoch; default: the shards' size from their metadata
     shuffle: int = 1000  # sample shuffle buffer; 0 turns it off
-    image_size: int | None = None  # default: the model's
-    builtin: str | None = None  # 'fractals', 'scenes', 'digits': generated on the fly, used when train is None
+    builtin: str | None = None  # 'fractals', 'scenes', 'digits': generated once into $ZOO_HOME/data when train is unset
     builtin_n: int = 10_000  # samples to generate from `builtin`
 
     def _check(self) -> None:
@@ -344,21 +344,24 @@ class DataConfig(_Section):
         self._require(self.num_workers >= 0, "num_workers", ">= 0")
         self._require(self.epoch_samples is None or self.epoch_samples >= 1, "epoch_samples", ">= 1 or null")
         self._require(self.shuffle >= 0, "shuffle", ">= 0")
-        self._require(self.image_size is None or self.image_size >= 1, "image_size", ">= 1 or null")
         self._require(self.builtin_n >= 1, "builtin_n", ">= 1")
 
 
 @dataclass
 class OptimConfig(_Section):
-    """AdamW with MAE's learning-rate rule: lr = blr * global_batch / 256 unless lr is given."""
+    """The optimizer, and the lr rule: lr = blr * global_batch / 256 (or its square root) unless lr is given."""
 
     _section: ClassVar[str] = "optim"
 
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
     lr: float | None = None
     blr: float = 1.5e-4
+    lr_scaling: Literal["linear", "sqrt"] = "linear"  # blr * (global_batch / 256), or * sqrt(global_batch / 256)
+    lr_mult: dict[str, float] = field(default_factory=dict)  # lr multipliers by parameter-name wildcard
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 -> 0.4); null: constant
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    momentum: float = 0.9  # sgd, lars
     clip_grad: float | None = None  # max global grad norm; null: no clipping
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     layer_decay: float | None = None  # per-block lr decay (fine-tuning); null: off
@@ -367,19 +370,28 @@ class OptimConfig(_Section):
         self._require(self.lr is None or self.lr > 0, "lr", "> 0 or null")
         self._require(self.blr > 0, "blr", "> 0")
         self._require(self.weight_decay >= 0, "weight_decay", ">= 0")
+        self._require(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end", ">= 0 or null")
+        self._require(0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        self._require(all(m >= 0 for m in self.lr_mult.values()), "lr_mult", "a mapping of patterns to multipliers >= 0")
         self._require(all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
         self._require(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "> 0 or null")
         self._require(self.accum_steps >= 1, "accum_steps", ">= 1")
         self._require(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", "in (0, 1] or null")
 
     def resolved_lr(self, global_batch: int) -> float:
-        """The peak learning rate: `lr` if set, else the MAE rule blr * global_batch / 256."""
-        return self.lr if self.lr is not None else self.blr * global_batch / 256
+        """The peak learning rate: `lr` if set, else blr * global_batch / 256 (MAE, DINO) or its
+        square root (DINOv2, POA: `lr_scaling: sqrt`)."""
+        if self.lr is not None:
+            return self.lr
+        ratio = global_batch / 256
+        return self.blr * (ratio if self.lr_scaling == "linear" else math.sqrt(ratio))
 
 
 @dataclass
 class ScheduleConfig(_Section):
-    """How long to train (exactly one of steps or epochs) and the lr schedule's shape."""
+    """How long to train (exactly one of steps or epochs) and the lr schedule's shape (also used by
+    the weight-decay schedule): warmup, then cosine/linear/constant to min_lr, `truncate` < 1 for
+    POA's truncated cosine."""
 
     _section: ClassVar[str] = "schedule"
 
@@ -387,8 +399,10 @@ class ScheduleConfig(_Section):
     epochs: float | None = None  # sugar: the engine converts to steps from the dataset size
     warmup_steps: int | None = None
     warmup_frac: float | None = None  # warmup as a fraction of the total steps
+    warmup_epochs: float | None = None
     min_lr: float = 0.0
-    kind: Literal["cosine"] = "cosine"
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    truncate: float = 1.0  # lay the cosine over steps / truncate and stop at steps (POA: 0.78)
 
     def _check(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -397,17 +411,23 @@ class ScheduleConfig(_Section):
             raise ConfigError(f"schedule needs exactly one of 'schedule.steps' or 'schedule.epochs', {fix}")
         self._require(self.steps is None or self.steps >= 1, "steps", ">= 1")
         self._require(self.epochs is None or self.epochs > 0, "epochs", "> 0")
-        if self.warmup_steps is not None and self.warmup_frac is not None:
-            raise ConfigError("set only one of 'schedule.warmup_steps' and 'schedule.warmup_frac'")
+        given = [k for k in ("warmup_steps", "warmup_frac", "warmup_epochs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"set only one of {' and '.join(repr('schedule.' + k) for k in given)}")
         self._require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", ">= 0")
         self._require(self.warmup_frac is None or 0 <= self.warmup_frac < 1, "warmup_frac", "in [0, 1)")
+        self._require(self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
         self._require(self.min_lr >= 0, "min_lr", ">= 0")
+        self._require(0 < self.truncate <= 1, "truncate", "in (0, 1]")
 
-    def warmup(self, total_steps: int) -> int:
-        """Warmup steps for a run of `total_steps` optimizer steps."""
-        if self.warmup_steps is not None:
-            return min(self.warmup_steps, total_steps)
-        return round((self.warmup_frac or 0.0) * total_steps)
+    def lr_schedule(self, peak: float) -> Schedule:
+        """The learning rate over the run: warmup to `peak`, then `kind` down to `min_lr`."""
+        return Schedule(peak, self.min_lr, shape=self.kind, warmup_steps=self.warmup_steps,
+                        warmup_epochs=self.warmup_epochs, warmup_frac=self.warmup_frac, truncate=self.truncate)
+
+    def warmup(self, total_steps: int, steps_per_epoch: int | None = None) -> int:
+        """Warmup steps for a run of `total_steps` optimizer steps (clamped to the run)."""
+        return self.lr_schedule(1.0).warmup_length(total_steps, steps_per_epoch)
 
 
 @dataclass
@@ -416,12 +436,12 @@ class EvalConfig(_Section):
 
     _section: ClassVar[str] = "eval"
 
-    knn_train: str | None = None  # labelled shards; no eval runs when knn_train or knn_val is unset
-    knn_val: str | None = None
-    every: int = 0  # steps between kNN evals during training; 0: only at the end
+    train: str | None = None  # labelled shards (or 'builtin:digits'); no eval runs when train or val is unset
+    val: str | None = None
+    every: int = 0  # steps between online kNN evals; 0: only the final evaluation at the end
     k: int = 20
-    temperature: float = 0.07
-    final: list[Literal["knn", "linear"]] = field(default_factory=lambda: ["knn"])
+    temperature: float = 0.07  # kNN vote temperature (DINO's T)
+    final: list[Literal["knn", "linear"]] = field(default_factory=lambda: ["knn"])  # on the final backbone, into the card
 
     def _check(self) -> None:
         self._require(self.every >= 0, "every", ">= 0")
@@ -475,6 +495,8 @@ class RunConfig(_Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides of the method's scheduled values
+    init_from: str | None = None  # start from published weights (any zoo.load name), before step 0
     seed: int = 0
     amp: Literal["no", "bf16"] = "no"
     compile: bool = False  # torch.compile each repeated block of the method (regional compilation)
@@ -521,8 +543,27 @@ def _set_path(raw: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+RECIPE_PACKAGE = "zoo.recipes"  # where the installed recipe YAMLs live, beside the methods
+
+
+def installed_recipes() -> dict[str, Path]:
+    """Recipe name -> YAML path of every recipe shipped with zoo (found without importing the methods)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(RECIPE_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    return {p.stem: p for folder in folders for p in sorted(Path(folder).glob("*.yaml"))}
+
+
 def _read(source: str | Path) -> dict[str, Any]:
     path = Path(source)
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1:  # a bare name: an installed recipe
+        found = installed_recipes()
+        if str(source) in found:
+            return _read(found[str(source)])
+        hint = close_matches(str(source), list(found), n=3)
+        raise ConfigError(f"no recipe file or installed recipe named {str(source)!r}"
+                          + (f"; did you mean {', '.join(hint)}?" if hint else "") + " (`zoo recipes` lists them)")
     if not path.is_file():
         msg = f"recipe file '{path}' does not exist"
         siblings = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
@@ -629,7 +670,8 @@ def validate_method_args(fn: Callable[..., Any], args: Mapping[str, Any], where:
                 out[name] = value
                 continue
             hint = close_matches(str(name), list(params), n=1)
-            suggestion = f"did you mean '{where}.{hint[0]}'?" if hint else "valid: " + (", ".join(params) or "none")
+            valid = "valid: " + (", ".join(p for p in params if p != "arch") or "none")
+            suggestion = f"did you mean '{where}.{hint[0]}'? {valid}" if hint else valid
             raise ConfigError(f"unknown {where} arg '{where}.{name}' for {owner}; {suggestion}")
         out[name] = _convert(value, hints[name], f"{where}.{name}") if name in hints else value
     return out

@@ -1,8 +1,9 @@
 """State-dict conversion between zoo backbones and foreign checkpoints.
 
-`checkpoint_filter_fn`-style: foreign checkpoints (official MAE `models_mae.py`, DDP-wrapped,
-timm) are unwrapped and their keys remapped into our modules; `load_checked` then refuses any
-dict that does not fit, naming the missing, unexpected and mis-shaped keys.
+`checkpoint_filter_fn`-style: foreign checkpoints (official MAE `models_mae.py`, official DINO
+training checkpoints and backbone releases, DDP-wrapped, timm) are unwrapped and their keys remapped
+into our modules; `load_checked` then refuses any dict that does not fit, naming the missing,
+unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations
@@ -17,27 +18,50 @@ from zoo.errors import CheckpointMismatchError
 
 log = logging.getLogger(__name__)
 
-# Wrappers seen around state dicts in the wild: MAE/DeiT ('model'), Lightning ('state_dict'), misc.
-WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "teacher", "net")
+# Wrappers seen around state dicts in the wild: MAE/DeiT ('model'), Lightning ('state_dict'), DINO/iBOT
+# ('teacher' before 'student': the teacher is the model those methods evaluate and release), misc.
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "teacher", "student", "net")
+# A multi-crop wrapper (DINO's MultiCropWrapper, iBOT, DINOv2): the backbone under `backbone.`, beside
+# projection heads that pretraining alone uses.
+BACKBONE_PREFIX = "backbone."
+PROJECTION_HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")
 # Keys of an MAE pretraining model that are not part of the encoder (models_mae.py naming).
 MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+# The learned embedding of masked patches, a pretraining-only parameter: iBOT `masked_embed`, DINOv2 `mask_token`.
+MASKED_EMBED_KEYS = ("masked_embed", "mask_token")
 
 
 def unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint, stripping nesting and DDP's `module.` prefixes."""
+    """The tensor dict inside a checkpoint, stripping nesting and DDP's `module.` prefixes; of a multi-crop
+    wrapper (DINO), only the backbone; of a student + teacher checkpoint, the teacher."""
     sd: Any = checkpoint
     while isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        inner = next((sd[k] for k in WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
-        if inner is None:
+        key = next((k for k in WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if key is None:
             break
-        sd = inner
+        if key == "teacher" and isinstance(sd.get("student"), Mapping):
+            log.info("checkpoint holds a student and a teacher: loading the teacher")
+        sd = sd[key]
     if not isinstance(sd, Mapping):
         raise CheckpointMismatchError(f"checkpoint holds a {type(sd).__name__}, not a state dict")
     out = {}
     for k, v in sd.items():
         if isinstance(v, torch.Tensor):
             out[k.removeprefix("module.")] = v
-    return out
+    return take_backbone(out)
+
+
+def take_backbone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone of a multi-crop wrapper's state dict (only `backbone.*` and projection-head keys),
+    its prefix stripped and the heads dropped; any other state dict unchanged."""
+    if not any(k.startswith(BACKBONE_PREFIX) for k in sd):
+        return sd
+    heads = [k for k in sd if not k.startswith(BACKBONE_PREFIX)]
+    if not all(k.startswith(PROJECTION_HEAD_PREFIXES) for k in heads):
+        return sd
+    if heads:
+        log.info("dropped the %d keys of the projection head (%s, ...), which only pretraining uses", len(heads), heads[0])
+    return {k.removeprefix(BACKBONE_PREFIX): v for k, v in sd.items() if k.startswith(BACKBONE_PREFIX)}
 
 
 def is_mae_pretrain(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -46,13 +70,13 @@ def is_mae_pretrain(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 def filter_vit_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Fit a ViT state dict (ours, timm's, or an official MAE checkpoint) to `model`:
-    drop the MAE decoder, drop a classifier the model lacks, resample the position embedding."""
+    """Fit a ViT state dict (ours, timm's, an official MAE or DINO checkpoint) to `model`: drop the MAE
+    decoder and masked-patch embeddings, drop a classifier the model lacks, resample the position embedding."""
     out: dict[str, torch.Tensor] = {}
     dropped = []
     own = model.state_dict()
     for k, v in sd.items():
-        if k.startswith(MAE_DECODER_PREFIXES):
+        if k.startswith(MAE_DECODER_PREFIXES + MASKED_EMBED_KEYS):
             dropped.append(k)
             continue
         if k.startswith("head.") and k not in own:

@@ -45,17 +45,12 @@ def make_data(out: Path, n_pretrain: int, seed: int) -> dict[str, str]:
 
 def evaluate(model: torch.nn.Module, data: dict[str, str], cache: Path) -> dict[str, float]:
     """kNN (k=20) and linear-probe top-1 on digits and scenes."""
-    from zoo.eval.features import extract_features
-    from zoo.eval.knn import knn_eval
-    from zoo.eval.linear import linear_probe
+    from zoo.eval.protocols import evaluate as run_protocols
 
     out = {}
     for task in ("digits", "scenes"):
-        kw = dict(variants=("cls", "cls+avg"), batch_size=256, cache_dir=cache, desc=f"{task} features")
-        xtr, ytr = extract_features(model, data[f"{task}-train"], **kw)
-        xva, yva = extract_features(model, data[f"{task}-val"], **kw)
-        out[f"{task} kNN top-1"] = knn_eval(xtr["cls"], ytr, xva["cls"], yva, ks=(20,))["top1_k20"]
-        out[f"{task} linear top-1"] = linear_probe(xtr, ytr, xva, yva, epochs=30).top1
+        res = run_protocols(model, data[f"{task}-train"], data[f"{task}-val"], cache_dir=cache, desc=f"{task} features")
+        out[f"{task} kNN top-1"], out[f"{task} linear top-1"] = res["knn_top1"], res["linear_top1"]
     return out
 
 

@@ -1,4 +1,8 @@
-"""Build registered architectures by name (random init) and list them."""
+"""Build registered architectures by name (random init) and list them.
+
+Architectures only: weights live in `zoo.hub`, one layer up, which wraps these into the
+`pretrained=`-aware `zoo.create_model` / `zoo.list_models`. Nothing here imports the hub.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import zoo.models  # noqa: F401  (registers the architectures)
+from zoo.errors import ConfigError
 from zoo.registry import MODELS
 
 
@@ -17,16 +22,17 @@ def split_name(name: str) -> tuple[str, str | None]:
     return arch, tag or None
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """A registered architecture, randomly initialised; `pretrained=True` is `zoo.load(name, **kwargs)`.
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """A registered architecture, randomly initialised (the tag of an `arch.tag` name is ignored).
 
-    `name` may carry a weights tag (`vit_tiny_patch4_32.mae_fractal`); the tag is ignored unless
-    `pretrained=True`. Keyword arguments override the architecture's defaults (e.g. `num_classes=10`).
+    Keyword arguments override the architecture's defaults (e.g. `num_classes=10`). For published
+    weights use `zoo.create_model(name, pretrained=True)` or `zoo.load(name)`.
     """
-    if pretrained:
-        from zoo.hub import load
-
-        return load(name, **kwargs)
+    if kwargs.pop("pretrained", False):
+        raise ConfigError(
+            "zoo.factory.create_model builds architectures only; use zoo.create_model(name, pretrained=True) "
+            "or zoo.load(name) for weights"
+        )
     arch, _ = split_name(name)
     model = MODELS.build(arch, **kwargs)
     model.zoo_arch = arch
@@ -34,13 +40,9 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     return model
 
 
-def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
-    """Registered architecture names matching a wildcard; with `pretrained=True`, names that have weights."""
-    if not pretrained:
-        return MODELS.names(pattern)
-    from zoo.hub import pretrained_names
-
-    return pretrained_names(pattern)
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered architecture names matching a wildcard (`zoo.list_models(pretrained=True)` lists weights)."""
+    return MODELS.names(pattern)
 
 
 def count_params(arch: str, **kwargs: Any) -> int:

@@ -5,6 +5,10 @@
 pretrained name from `WEIGHTS`, and a local directory or weights file. Weights are safetensors;
 pickles load only with `weights_only=True`; every remote file is checked against its sha256
 before use and a failed download leaves nothing behind.
+
+`create_model` and `list_models` (exported as `zoo.create_model` / `zoo.list_models`) live here,
+above `zoo.factory`, because their `pretrained=True` forms need the hub; the factory builds
+architectures only and never imports this module.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from zoo.errors import (
     UnsafeCheckpointError,
     ZooError,
 )
-from zoo.factory import create_model, split_name
+from zoo import factory
+from zoo.factory import split_name
 from zoo.progress import progress_bar
 from zoo.registry import MODELS, Registry, close_matches
 
@@ -357,7 +362,7 @@ def _build_from_card(card: dict[str, Any], overrides: dict[str, Any]) -> nn.Modu
     arch = card["arch"]
     if arch not in MODELS:
         raise ConfigError(f"card names architecture {arch!r}, which this zoo version does not have; upgrade zoo")
-    return create_model(arch, **{**card.get("args", {}), **overrides})
+    return factory.create_model(arch, **{**card.get("args", {}), **overrides})
 
 
 def _finish(model: nn.Module, card: dict[str, Any] | None, source: str) -> nn.Module:
@@ -484,3 +489,20 @@ def load(name: str | os.PathLike, *, arch: str | None = None, strict: bool = Tru
     if path.is_file():
         return _load_file(path, arch, kwargs, strict)
     raise UnknownNameError(_unknown_message(name))
+
+
+# -- the public entry points: architectures (zoo.factory) or weights (above) ------------------------
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A registered architecture, randomly initialised; `pretrained=True` is `load(name, **kwargs)`.
+
+    `name` may carry a weights tag (`vit_tiny_patch4_32.mae_fractal`); the tag is ignored unless
+    `pretrained=True`. Keyword arguments override the architecture's defaults (e.g. `num_classes=10`).
+    """
+    if pretrained:
+        return load(name, **kwargs)
+    return factory.create_model(name, **kwargs)
+
+
+def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
+    """Registered architecture names matching a wildcard; with `pretrained=True`, names that have weights."""
+    return pretrained_names(pattern) if pretrained else factory.list_models(pattern)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -30,11 +31,22 @@ def close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
 
 
 class Registry:
-    """A named table of factories. `register` is usable as a decorator."""
+    """A named table of factories. `register` is usable as a decorator.
 
-    def __init__(self, kind: str):
+    `provider` names the module whose import registers the entries (`zoo.recipes` for RECIPES): it is
+    imported on the first lookup, so lower layers (the engine) find the methods without importing them.
+    """
+
+    def __init__(self, kind: str, provider: str | None = None, listed_by: str = "zoo list"):
         self.kind = kind
+        self.provider = provider
+        self.listed_by = listed_by
         self._entries: dict[str, Entry] = {}
+
+    def _populate(self) -> None:
+        if self.provider is not None:
+            provider, self.provider = self.provider, None
+            importlib.import_module(provider)
 
     def register(self, name: str | None = None, factory: Callable[..., Any] | None = None, **meta: Any):
         """Register `factory` under `name` (default: the factory's __name__)."""
@@ -49,6 +61,7 @@ class Registry:
         return add(factory) if factory is not None else add
 
     def get(self, name: str) -> Entry:
+        self._populate()
         try:
             return self._entries[name]
         except KeyError:
@@ -60,13 +73,14 @@ class Registry:
         msg = f"unknown {self.kind} {name!r}"
         if hint:
             msg += f"; did you mean: {', '.join(hint)}?"
-        return msg + f" (`zoo list` shows all {len(candidates)} names)"
+        return msg + f" (`{self.listed_by}` shows all {len(candidates)} names)"
 
     def build(self, name: str, **kwargs: Any) -> Any:
         return self.get(name).factory(**kwargs)
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Sorted names, optionally filtered by a shell-style wildcard (`vit_*_patch4_*`)."""
+        self._populate()
         names = sorted(self._entries)
         if pattern:
             pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
@@ -74,15 +88,18 @@ class Registry:
         return names
 
     def __contains__(self, name: object) -> bool:
+        self._populate()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry]:
+        self._populate()
         return iter(self._entries[n] for n in sorted(self._entries))
 
     def __len__(self) -> int:
+        self._populate()
         return len(self._entries)
 
 
 MODELS = Registry("model")
-RECIPES = Registry("recipe")
+RECIPES = Registry("recipe", provider="zoo.recipes", listed_by="zoo recipes")
 DATASETS = Registry("dataset")

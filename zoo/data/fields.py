@@ -1,8 +1,8 @@
 """The one mapping between a webdataset sample's file extensions and zoo's field names.
 
 Reading: `jpg|jpeg|png|webp` -> `image`, `cls` -> `label`, `txt` -> `caption`, `json` -> `meta`,
-`seg.png` -> `mask`, `npy` -> `array`, and a named modality `NAME.png|jpg|npy|txt` -> `NAME`
-(e.g. `thermal.png` -> `thermal`). Writing uses the same table backwards, so shards we write read
+`seg.png` -> `mask`, `npy` -> `array`, and a named modality `NAME.png|jpg|npy|pth|txt` -> `NAME`
+(e.g. `thermal.png` -> `thermal`, a 1-channel image; `emb.pth` -> `emb`, read with `weights_only=True`). Writing uses the same table backwards, so shards we write read
 back field for field (and plain webdataset / img2dataset / timm / open_clip tools read them).
 """
 
@@ -35,6 +35,8 @@ def ext_of(field: str, value: object = None) -> str:
         return WRITE_EXT[field]
     if isinstance(value, np.ndarray):
         return f"{field}.npy"
+    if type(value).__module__.startswith("torch"):  # a tensor or a dict of them, without importing torch here
+        return f"{field}.pth"
     if isinstance(value, str):
         return f"{field}.txt"
     return f"{field}.png"  # other modalities are images (thermal, depth): lossless
@@ -78,10 +80,14 @@ def decode_field(field: str, ext: str, data: bytes):
             return json.loads(data.decode("utf-8"))
         if last == "npy":
             return np.load(io.BytesIO(data), allow_pickle=False)
+        if last in ("pth", "pt"):
+            import torch
+
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (UnicodeDecodeError, ValueError) as e:
         reason = {"label": "bad_label", "caption": "bad_text", "meta": "bad_json"}.get(field, f"bad_{field}")
         raise FieldError(reason, str(e)[:120]) from None
-    except Exception as e:  # PIL raises many types on garbage bytes
+    except Exception as e:  # PIL (and torch.load) raise many types on garbage or unsafe bytes
         reason = "undecodable_image" if field == "image" else f"undecodable_{field}"
         raise FieldError(reason, f"{type(e).__name__}: {str(e)[:120]}") from None
     return data
@@ -110,5 +116,11 @@ def encode_field(field: str, value, *, image_format: str = "jpg", quality: int =
     if isinstance(value, np.ndarray):
         buf = io.BytesIO()
         np.save(buf, value, allow_pickle=False)
+        return ext, buf.getvalue()
+    if ext.endswith(".pth"):
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(value, buf)
         return ext, buf.getvalue()
     raise TypeError(f"cannot encode field {field!r} of type {type(value).__name__}")

@@ -8,6 +8,7 @@ every skipped sample counted by reason and reported, never silently dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import Counter
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from zoo.data.fields import FieldError
-from zoo.data.shards import DataError, decode_sample, expand_sources, iter_raw_samples, known_size
+from zoo.data.shards import DataError, decode_sample, expand_sources, iter_raw_samples, shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ShardStream(IterableDataset):
         seed: int,
         rank: int,
         world_size: int,
+        offsets: dict[str, int] | None = None,
     ):
         self.sources = sources
         self.shards = [u for s in sources for u in s]
@@ -79,6 +81,7 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.offsets = offsets  # shard -> index of its first sample, when samples carry `__index__`
         self.epoch = 0
         w = list(weights) if weights is not None else [1.0] * len(sources)
         # a source's weight is its share of samples drawn: spread it over its shards
@@ -119,35 +122,44 @@ class ShardStream(IterableDataset):
             samples = self._decoded(iter_raw_samples(urls, report.skipped), report)
             if self.shuffle:
                 samples = _shuffled(samples, self.shuffle, rng)
+            scope = rng_scope or contextlib.nullcontext  # transforms and collate draw from the loader's stream
             batch: list[Any] = []
             for sample in samples:
                 if self.transform is not None:
-                    if rng_scope is None:
+                    with scope():
                         sample = self.transform(sample)
-                    else:
-                        with rng_scope():
-                            sample = self.transform(sample)
                 report.samples += 1
                 if self.batch_size is None:
                     yield sample
                 else:
                     batch.append(sample)
                     if len(batch) == self.batch_size:
-                        yield self._collate(batch)
+                        with scope():
+                            out = self._collate(batch)
+                        yield out
                         batch = []
                 if quota is not None and report.samples >= quota:
                     break
             if batch and not self.drop_last:
-                yield self._collate(batch)
+                with scope():
+                    out = self._collate(batch)
+                yield out
             elif batch:
                 report.skipped["dropped_last_batch"] += len(batch)
                 report.samples -= len(batch)
         yield report
 
     def _decoded(self, raws: Iterator[dict[str, Any]], report: WorkerReport) -> Iterator[dict[str, Any]]:
+        position: Counter = Counter()  # raw samples read per shard, skipped ones included: stable indices
         for raw in raws:
+            url = raw.get("__url__")
+            pos = position[url]
+            position[url] += 1
             try:
-                yield decode_sample(raw, self.fields, self.optional_fields)
+                sample = decode_sample(raw, self.fields, self.optional_fields)
+                if self.offsets is not None:
+                    sample["__index__"] = self.offsets[url] + pos
+                yield sample
             except FieldError as e:
                 report.skipped[e.reason] += 1
                 log.debug("skipped %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
@@ -276,6 +288,7 @@ def loader(
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    index: bool = False,
 ) -> Loader:
     """Batches from webdataset shards.
 
@@ -284,7 +297,9 @@ def loader(
     counted); `optional_fields`: decoded when present (None: all). `transform(sample_dict)` runs in
     the workers. `shuffle`: shuffle-buffer size, and shard-order shuffling, 0 for neither.
     `resampled=True` draws shards with replacement forever; `epoch_samples` then sets the virtual
-    epoch. Ranks default to torch.distributed's.
+    epoch. Ranks default to torch.distributed's. `index=True` gives every sample `__index__`, its
+    position in the dataset (shard offset + position in the shard: the same in every epoch, on every
+    rank, whatever the shuffle); it needs per-shard counts (sizes.json, _info.json or *_stats.json).
     """
     sources = expand_sources(urls)
     if isinstance(weights, str):
@@ -307,6 +322,17 @@ def loader(
         )
     if resampled and epoch_samples is None:
         raise DataError("resampled=True streams forever: give epoch_samples (samples per virtual epoch)")
+    urls = [u for s in sources for u in s]
+    sizes = shard_sizes(urls)
+    offsets = None
+    if index:
+        if sizes is None:
+            raise DataError(f"index=True needs each shard's sample count, and {urls[0]}'s folder has no sizes.json, "
+                            "_info.json or *_stats.json; write one (zoo shards check prints the counts)")
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
+        offsets = dict(zip(urls, starts))
     stream = ShardStream(
         sources,
         fields=fields,
@@ -322,9 +348,9 @@ def loader(
         seed=seed,
         rank=rank,
         world_size=world_size,
+        offsets=offsets,
     )
-    size = known_size([u for s in sources for u in s])
-    return Loader(stream, num_workers, size)
+    return Loader(stream, num_workers, None if sizes is None else sum(sizes))
 
 
 __all__ = ["loader", "Loader", "WorkerReport"]

@@ -64,8 +64,8 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def known_size(urls: list[str]) -> int | None:
-    """Sample count of these shards from metadata beside them: timm `_info.json`, open_clip
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Sample count of each shard from metadata beside them: timm `_info.json`, open_clip
     `sizes.json`, or img2dataset `NNNNN_stats.json`; None when none covers every shard."""
     dirs = {Path(u).parent for u in urls if not u.startswith(REMOTE_PREFIXES)}
     if len(dirs) != 1:
@@ -74,21 +74,27 @@ def known_size(urls: list[str]) -> int | None:
     names = [Path(u).name for u in urls]
     sizes = _read_json(folder / "sizes.json")
     if isinstance(sizes, dict) and all(n in sizes for n in names):
-        return sum(int(sizes[n]) for n in names)
+        return [int(sizes[n]) for n in names]
     info = _read_json(folder / "_info.json")
     if isinstance(info, dict):
         for split in (info.get("splits") or {}).values():
             files, lengths = split.get("filenames"), split.get("shard_lengths")
             if files and lengths and all(n in files for n in names):
                 table = dict(zip(files, lengths))
-                return sum(int(table[n]) for n in names)
-    total = 0
+                return [int(table[n]) for n in names]
+    out = []
     for n in names:
         stats = _read_json(folder / (n.removesuffix(".tar") + "_stats.json"))
         if not isinstance(stats, dict) or "successes" not in stats:
             return None
-        total += int(stats["successes"])
-    return total
+        out.append(int(stats["successes"]))
+    return out
+
+
+def known_size(urls: list[str]) -> int | None:
+    """Sample count of these shards from their metadata (see `shard_sizes`), or None."""
+    sizes = shard_sizes(urls)
+    return None if sizes is None else sum(sizes)
 
 
 def count_samples(urls: list[str]) -> int:

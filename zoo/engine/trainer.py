@@ -1,9 +1,11 @@
 """The one training loop. It never knows which method it runs (see recipes/base.py).
 
-`pretrain(recipe)` builds the method from the recipe, reads shards through `zoo.data.loader`,
-steps AdamW on a warmup-cosine schedule with gradient accumulation and clipping, writes
-`config.yaml`, `metrics.jsonl` and atomic checkpoints to the run directory, resumes exactly
-(model, optimizer, RNG streams and the position in the epoch), and publishes what the method exports.
+`pretrain(recipe)` builds the method from the recipe, reads shards (or generated built-in data)
+through `zoo.data.loader` with the method's transform and collate, steps the optimizer (AdamW, SGD
+or LARS) with gradient accumulation and clipping on the scheduled lr and weight decay, evaluates the
+method's declared schedules and calls its hooks, writes `config.yaml`, `metrics.jsonl` and atomic
+checkpoints to the run directory, resumes exactly (model, optimizer, RNG streams and the position in
+the epoch), evaluates the final backbone and publishes what the method exports.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -29,6 +31,7 @@ from zoo.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from zoo.engine.contract import Export, Progress
 from zoo.engine.distributed import (
     average_gradients,
     full_state,
@@ -38,13 +41,15 @@ from zoo.engine.distributed import (
     rank_summary,
     shard_fsdp,
 )
-from zoo.engine.schedule import warmup_cosine
-from zoo.errors import ConfigError, ZooError
+from zoo.errors import ConfigError, UnknownNameError, ZooError
 from zoo.progress import progress_bar
+from zoo.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
+KEYS_TRACKED = 100_000  # per rank; enough to check the rank split without growing with the run
+EVAL_BUILTIN_N = 2000  # samples of a 'builtin:NAME' eval set (digits: its whole split)
 
 
 @dataclass
@@ -56,11 +61,11 @@ class RunResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     published: dict[str, Path] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    evals: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def build_method(cfg) -> torch.nn.Module:
     """The registered method of `cfg.method.name`, built with the method's and the model's args."""
-    import zoo.recipes  # noqa: F401  (registers the methods)
     from zoo.config import validate_method_args
     from zoo.registry import RECIPES
 
@@ -80,46 +85,6 @@ def fingerprint(cfg) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _main_backbone(method: torch.nn.Module) -> torch.nn.Module:
-    """The method's first exported backbone: it sets preprocessing and is what online kNN evaluates."""
-    exported = method.export()
-    if not exported:
-        raise ZooError(f"{type(method).__name__}.export() returned no backbone: the engine needs one for preprocessing")
-    return next(iter(exported.values()))
-
-
-def _make_loader(cfg, method, seed: int):
-    from zoo.data import dataset_size, loader
-    from zoo.data.transforms import train_transform
-
-    if not cfg.data.train:
-        raise ConfigError("no training data: give --data 'shards/{00000..00009}.tar' or set data.train in the recipe")
-    spec = method.data_spec()
-    tf = train_transform(_main_backbone(method).pretrained_cfg, **spec.train_transform)
-
-    def prepare(sample: dict[str, Any]) -> dict[str, Any]:
-        out = {k: sample[k] for k in (*spec.fields, *spec.optional_fields) if k != "image" and k in sample}
-        out["image"] = tf(sample["image"])
-        if spec.prepare is not None:
-            out = spec.prepare(out)
-        out["__key__"] = f"{sample.get('__url__')}#{sample.get('__key__')}"  # for the ranks' overlap check
-        return out
-
-    data = loader(
-        cfg.data.train, fields=spec.fields, optional_fields=spec.optional_fields, transform=prepare,
-        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, resampled=cfg.data.resampled,
-        epoch_samples=cfg.data.epoch_samples, shuffle=cfg.data.shuffle, seed=seed, drop_last=True,
-    )
-    size = None if cfg.data.resampled else dataset_size(cfg.data.train, scan=True)
-    return data, size
-
-
-def _total_steps(cfg, steps_per_epoch: int) -> int:
-    if cfg.schedule.steps is not None:
-        return int(cfg.schedule.steps)
-    return max(1, int(math.ceil(cfg.schedule.epochs * steps_per_epoch / cfg.optim.accum_steps)))
-
-
 def prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
     """The checkpoint to resume from (or None); refuses to clobber a finished run."""
     if overwrite and run_dir.exists():
@@ -134,6 +99,23 @@ def prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path 
     return ckpt
 
 
+def data_root() -> Path:
+    """Where generated built-in shards are kept: `$ZOO_HOME/data`."""
+    from zoo.hub import zoo_home
+
+    return zoo_home() / "data"
+
+
+def resolve_data(source: str | None, split: str, backbone: torch.nn.Module, n: int) -> str | None:
+    """A shard pattern for `source`, generating 'builtin:NAME' shards at the backbone's input size."""
+    if source is None:
+        return None
+    from zoo.data.builtin import resolve_source
+
+    size = int(backbone.pretrained_cfg["input_size"][-1])
+    return resolve_source(source, split=split, root=data_root(), size=size, n=n)
+
+
 def pretrain(
     recipe: str | Path | dict,
     *,
@@ -145,200 +127,387 @@ def pretrain(
     stop_after: int | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> RunResult:
-    """Train `recipe` (a YAML path or dict) and return the run's result.
+    """Train `recipe` (an installed recipe's name, a YAML path or a dict) and return the run's result.
 
     `resume=True` continues from the latest checkpoint in the run directory (or a given path);
     `stop_after` ends the process's work after that many steps (the run stays resumable)."""
-    from zoo.config import load_config, save_config
+    trainer = Trainer(recipe, data=data, overrides=overrides, run_dir=run_dir, resume=resume, overwrite=overwrite)
+    try:
+        trainer.fit(stop_after=stop_after, on_step=on_step)
+    finally:
+        trainer.close()
+    return trainer.finish()
 
-    cfg = load_config(recipe, list(overrides))
-    if data is not None:
-        cfg.data.train = data
-    default_name = "run" if isinstance(recipe, dict) else Path(str(recipe)).stem
-    run_dir = Path(run_dir) if run_dir is not None else cfg.output.run_dir(default_name)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    rank, world, owns_group = init_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    main = rank == 0  # only rank 0 writes the run directory
-    sharded = cfg.distributed == "fsdp" and world > 1
-    ckpt_path = None
-    if main:
-        ckpt_path = prepare_run_dir(run_dir, resume, overwrite)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    if world > 1:
-        torch.distributed.barrier()  # the others read the run directory only once rank 0 has settled it
-        if not main and resume:
-            ckpt_path = latest_checkpoint(run_dir) if resume in (True, "auto") else Path(resume)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    method = build_method(cfg).to(device)
-    if world > 1:
-        for t in [*method.parameters(), *method.buffers()]:
-            torch.distributed.broadcast(t.data, src=0)
-        torch.manual_seed(cfg.seed + rank)  # each rank its own masking/augmentation stream
-    data_loader, size = _make_loader(cfg, method, cfg.seed)
-    steps_per_epoch = len(data_loader) if size is not None or cfg.data.resampled else None
-    if not steps_per_epoch:
-        raise ZooError(f"{cfg.data.train} holds fewer samples than one batch of {cfg.data.batch_size}")
-    total = _total_steps(cfg, steps_per_epoch)
-    base_lr = cfg.optim.resolved_lr(cfg.data.batch_size * cfg.optim.accum_steps * world)
-    publishable = _unsharded_copy(cfg, device) if sharded and main else method  # what exports read
-    if sharded:
-        shard_fsdp(method)
-    if cfg.compile:
-        for block in method.repeated_blocks():
-            block.compile()
-    groups = method.param_groups(cfg.optim.weight_decay, cfg.optim.layer_decay)
-    opt = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.optim.betas))
-    fp = fingerprint(cfg)
+class Trainer:
+    """One run: the set-up (`__init__`), the loop (`fit`), the end (`finish`). Rank 0 writes the run directory."""
 
-    step, epoch, skip = 0, 0, 0
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, fingerprint=fp)
-        load_full_state(method, opt, state["model"], state["optimizer"], sharded=sharded)
-        step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-        ranks = state.get("rng_ranks")
-        if ranks is not None and len(ranks) != world:
-            log.warning("checkpoint was written by %d rank(s), resuming on %d: random streams restart from rank 0's",
-                        len(ranks), world)
-        set_rng_state(ranks[rank] if ranks is not None and len(ranks) == world else state["rng"])
-        log.info("resumed from %s at step %d", ckpt_path, step)
+    def __init__(self, recipe, *, data=None, overrides=(), run_dir=None, resume=False, overwrite=False):
+        from zoo.config import load_config, save_config
 
-    def refresh_publishable() -> torch.nn.Module | None:
-        """Rank 0's unsharded method with the current weights (collective under FSDP)."""
-        if not sharded:
-            return method
-        model, _ = full_state(method, None, sharded=True)
-        if main:
-            publishable.load_state_dict(model)
-        return publishable if main else None
+        cfg = self.cfg = load_config(recipe, list(overrides))
+        if data is not None:
+            cfg.data.train = data
+        default_name = "run" if isinstance(recipe, dict) else Path(str(recipe)).stem
+        self.run_dir = Path(run_dir) if run_dir is not None else cfg.output.run_dir(default_name)
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if cfg.device == "auto" else cfg.device))
+        self.rank, self.world, self.owns_group = init_distributed(device)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        self.device, self.main = device, self.rank == 0
+        self.sharded = cfg.distributed == "fsdp" and self.world > 1
+        ckpt_path = None
+        if self.main:
+            ckpt_path = prepare_run_dir(self.run_dir, resume, overwrite)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._barrier()  # the others read the run directory only once rank 0 has settled it
+        if not self.main and resume:
+            ckpt_path = latest_checkpoint(self.run_dir) if resume in (True, "auto") else Path(resume)
 
-    warmup = cfg.schedule.warmup(total)
-    online = None
-    if cfg.eval.every and cfg.eval.knn_train and cfg.eval.knn_val:
-        from zoo.eval.online import OnlineKNN
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        method = self.method = build_method(cfg).to(device)
+        if cfg.init_from and ckpt_path is None:
+            self._init_from(cfg.init_from)
+        if self.world > 1:
+            for t in [*method.parameters(), *method.buffers()]:
+                torch.distributed.broadcast(t.data, src=0)
+            torch.manual_seed(cfg.seed + self.rank)  # each rank its own masking/augmentation stream
+        self.loader, self.size = self._make_loader()
+        batches = len(self.loader) if self.size is not None or cfg.data.resampled else 0
+        if not batches:
+            raise ZooError(f"{cfg.data.train} holds fewer samples than one batch of {cfg.data.batch_size}")
+        self.steps_per_epoch = batches / cfg.optim.accum_steps  # optimizer steps
+        self.total = int(cfg.schedule.steps) if cfg.schedule.steps is not None else \
+            max(1, int(math.ceil(cfg.schedule.epochs * self.steps_per_epoch)))
+        self.schedules = self._schedules()
+        self.publishable = self._unsharded_copy() if self.sharded and self.main else method  # what exports read
+        if self.sharded:
+            shard_fsdp(method)
+        if cfg.compile:
+            for block in method.repeated_blocks():
+                block.compile()
+        self.trainable = [p for p in method.parameters() if p.requires_grad]
+        self.opt = build_optimizer(method.param_groups(cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.lr_mult),
+                                   cfg.optim, self.schedules["lr"].start)
+        self.fp = fingerprint(cfg)
+        self.step, self.epoch, self.skip = 0, 0, 0
+        if ckpt_path is not None:
+            self._resume(ckpt_path)
+        self.online = None
+        if cfg.eval.every and cfg.eval.train and cfg.eval.val:
+            from zoo.eval.online import OnlineKNN
 
-        online = OnlineKNN(cfg.eval.knn_train, cfg.eval.knn_val, every=cfg.eval.every, k=cfg.eval.k)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else open(os.devnull, "w")
-    board = _tensorboard(run_dir / "tb") if main and cfg.output.tensorboard else None
-    result = RunResult(run_dir=run_dir, steps=step)
-    limit = total if stop_after is None else min(total, step + stop_after)
-    bar = progress_bar(total=total, initial=step, desc=cfg.method.name, unit="step", **({} if main else {"disable": True}))
-    method.train()
-    t0, seen = time.perf_counter(), 0
-    keys: set[str] = set()  # samples this rank trained on (the first KEYS_TRACKED), for the overlap check
-    last_images = None
+            self.online = OnlineKNN(*self._eval_data(), every=cfg.eval.every, k=cfg.eval.k,
+                                    temperature=cfg.eval.temperature)
+        self.result = RunResult(run_dir=self.run_dir, steps=self.step)
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.main else open(os.devnull, "w")
+        self.board = _tensorboard(self.run_dir / "tb") if self.main and cfg.output.tensorboard else None
+        self.bar = progress_bar(total=self.total, initial=self.step, desc=cfg.method.name, unit="step",
+                                **({} if self.main else {"disable": True}))
+        self.seen, self.dropped, self.accum = 0, 0, 0
+        self.keys: set[str] = set()  # samples this rank trained on (the first KEYS_TRACKED), for the overlap check
+        self.last_batch: dict[str, Any] | None = None
+        self.batch_in_epoch = self.skip
 
-    def checkpoint(batch_in_epoch: int, epoch_now: int) -> None:
-        model, optim = full_state(method, opt, sharded=sharded)  # collective under FSDP
-        rngs = gather_objects(rng_state(), world)  # collective with several ranks
-        if main:
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None, on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        """Micro-batches -> forward/backward; every `accum_steps` of them (across epoch ends too) one
+        optimizer step, its hooks, logging, online kNN and checkpoints."""
+        limit = self.total if stop_after is None else min(self.total, self.step + stop_after)
+        self.method.train()
+        self.t0 = time.perf_counter()
+        if self.step >= limit:
+            return
+        for batch in self._batches():
+            if self.accum == 0:
+                self._set_scheduled()
+            out = self._forward_backward(batch)
+            self.accum += 1
+            if self.accum < self.cfg.optim.accum_steps:
+                continue
+            self.accum = 0
+            self._optimizer_step()
+            row = self._log(out, on_step is not None)
+            if on_step is not None:
+                on_step(self.step, row)
+            every = self.cfg.output.checkpoint_every  # 0: only at the end
+            if (every and self.step % every == 0) or self.step == limit:
+                self._checkpoint()
+            if self.step >= limit:
+                break
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Training batches from the resume position on, epoch after epoch."""
+        while True:
+            self.loader.set_epoch(self.epoch)
+            for i, batch in enumerate(self.loader):
+                if i < self.skip:
+                    continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+                self.batch_in_epoch = i + 1
+                yield batch
+            self.epoch, self.skip, self.batch_in_epoch = self.epoch + 1, 0, 0
+
+    def _forward_backward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        n = self.method.batch_size(batch)
+        self.dropped += max(0, cfg.data.batch_size - n)  # samples a custom collate left out
+        if self.world > 1 and len(self.keys) < KEYS_TRACKED:
+            self.keys.update(batch.get("__key__", ()))
+        batch = _to_device(batch, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            out = self.method.training_step(batch, self.step)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise ZooError(f"loss is {loss.item()} at step {self.step}; lower optim.lr or check the data")
+        (loss / cfg.optim.accum_steps).backward()
+        self.seen += n
+        self.last_batch = batch
+        return out
+
+    def _optimizer_step(self) -> None:
+        if self.world > 1 and not self.sharded:
+            average_gradients(self.method, self.world)  # FSDP reduce-scatters its own
+        if self.cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad)
+        self.method.before_optimizer_step(self.progress())
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.method.on_step_end(self.progress())
+
+    def progress(self):
+        return Progress(self.step, self.total, self.epoch, self.steps_per_epoch)
+
+    # -- schedules ----------------------------------------------------------------------------------
+    def _schedules(self) -> dict[str, Schedule]:
+        """lr, weight decay and the method's declared values, with the recipe's `schedules:` overrides."""
+        cfg = self.cfg
+        base_lr = cfg.optim.resolved_lr(cfg.data.batch_size * cfg.optim.accum_steps * self.world)
+        out = {"lr": cfg.schedule.lr_schedule(base_lr)}
+        if cfg.optim.weight_decay_end is not None:
+            out["weight_decay"] = Schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, shape="cosine",
+                                           truncate=cfg.schedule.truncate)
+        declared = dict(self.method.schedules())
+        for name, fields in cfg.schedules.items():
+            if name not in declared:
+                from zoo.registry import close_matches
+
+                hint = close_matches(name, list(declared), n=1)
+                valid = ", ".join(declared) or "none"
+                raise ConfigError(f"schedules.{name}: {type(self.method).__name__} schedules no value {name!r}"
+                                  + (f"; did you mean 'schedules.{hint[0]}'?" if hint else "")
+                                  + f" (its schedules: {valid}; lr and weight decay are set in schedule/optim)")
+            try:
+                declared[name] = replace(declared[name], **fields)
+            except TypeError as e:
+                raise ConfigError(f"schedules.{name}: {e}; a schedule has start, end, shape, warmup_steps, "
+                                  "warmup_epochs, warmup_frac, warmup_from, truncate") from None
+        return {**out, **declared}
+
+    def _set_scheduled(self) -> None:
+        """This step's values: lr and weight decay into the optimizer groups, the rest into the method."""
+        now = {k: s(self.step, self.total, self.steps_per_epoch) for k, s in self.schedules.items()}
+        for g in self.opt.param_groups:
+            g["lr"] = now["lr"] * g.get("lr_scale", 1.0)
+            if "weight_decay" in now and g.get("decay", True):
+                g["weight_decay"] = now["weight_decay"]
+        self.method.scheduled.update({k: v for k, v in now.items() if k not in ("lr", "weight_decay")})
+        self.now = now
+
+    # -- logging, evals, checkpoints ----------------------------------------------------------------
+    def _log(self, out: dict[str, Any], wanted: bool) -> dict[str, float]:
+        cfg, step = self.cfg, self.step
+        knn = None
+        if self.online is not None and step % self.online.every == 0:
+            current = self.refresh_publishable()
+            knn = self.online(current.backbone(), step) if self.main else None
+        log_now = step % cfg.output.log_every == 0 or step == self.total or bool(knn)
+        row: dict[str, float] = {}
+        if log_now or wanted:  # reading values off the device syncs: only when they are used
+            row = {"step": step, **self.now,
+                   **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, **(knn or {})}
+        if log_now:
+            row["img_per_s"] = self.seen * self.world / max(time.perf_counter() - self.t0, 1e-9)
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
+            self.result.metrics.append(row)
+            if self.board is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        self.board.add_scalar(k, v, step)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
+                                 **({"knn": f"{row['knn_top1']:.1f}"} if "knn_top1" in row else {}))
+        self.bar.update(1)
+        return row
+
+    def _checkpoint(self) -> None:
+        model, optim = full_state(self.method, self.opt, sharded=self.sharded)  # collective under FSDP
+        rngs = gather_objects(rng_state(), self.world)  # collective with several ranks
+        if self.main:
             save_checkpoint(
-                {"step": step, "epoch": epoch_now, "batch_in_epoch": batch_in_epoch, "model": model,
-                 "optimizer": optim, "rng": rngs[0], "rng_ranks": rngs, "fingerprint": fp},
-                run_dir, step, keep_last=cfg.output.keep_last,
+                {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "model": model,
+                 "optimizer": optim, "rng": rngs[0], "rng_ranks": rngs, "fingerprint": self.fp},
+                self.run_dir, self.step, keep_last=self.cfg.output.keep_last,
             )
 
-    try:
-        while step < limit:
-            data_loader.set_epoch(epoch)
-            accum = 0
-            for i, batch in enumerate(data_loader):
-                if i < skip:
-                    continue  # resuming mid-epoch: these batches were trained on before the checkpoint
-                lr = warmup_cosine(step, total, base_lr, warmup=warmup, final=cfg.schedule.min_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
-                if world > 1 and len(keys) < KEYS_TRACKED:
-                    keys.update(batch.get("__key__", ()))
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                    out = method.training_step(batch, step)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise ZooError(f"loss is {loss.item()} at step {step}; lower optim.lr or check the data")
-                (loss / cfg.optim.accum_steps).backward()
-                accum += 1
-                seen += len(batch["image"])
-                last_images = batch["image"][:8]
-                if accum < cfg.optim.accum_steps:
-                    continue
-                accum = 0
-                if world > 1 and not sharded:
-                    average_gradients(method, world)  # FSDP reduce-scatters its own
-                if cfg.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                method.on_step_end(step, total)
-                step += 1
-                knn = None
-                if online is not None and step % online.every == 0:
-                    current = refresh_publishable()
-                    knn = online(_main_backbone(current), step) if main else None
-                log_now = step % cfg.output.log_every == 0 or step == limit or bool(knn)
-                row: dict[str, float] = {}
-                if log_now or on_step is not None:  # reading values off the device syncs: only when they are used
-                    row = {"step": step, "lr": lr, **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, **(knn or {})}
-                if log_now:
-                    row["img_per_s"] = seen * world / max(time.perf_counter() - t0, 1e-9)
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                    result.metrics.append(row)
-                    if board is not None:
-                        for k, v in row.items():
-                            if k != "step":
-                                board.add_scalar(k, v, step)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.0f}",
-                                    **({"knn": f"{row['knn_top1']:.1f}"} if "knn_top1" in row else {}))
-                bar.update(1)
-                if on_step is not None:
-                    on_step(step, row)
-                every = cfg.output.checkpoint_every  # 0: only at the end
-                if (every and step % every == 0) or step == limit:
-                    checkpoint(i + 1, epoch)
-                if step >= limit:
-                    break
-            else:
-                epoch, skip = epoch + 1, 0
-                continue
-            break
-    finally:
-        bar.close()
-        metrics_file.close()
-        if board is not None:
-            board.close()
-    result.steps = step
-    result.skipped = dict(data_loader.total_skipped)
-    done = {"steps": step, "world_size": world, "distributed": cfg.distributed if world > 1 else None}
-    if world > 1:
-        done.update(rank_summary(method, seen, keys, world))
-    final = refresh_publishable()  # every rank: a collective under FSDP
-    if main and result.metrics:
-        draw_plots(final, run_dir, result.metrics, last_images)
-    if step >= total and main:
-        result.published = publish_exports(final, cfg, step)
-        done["published"] = {k: str(v) for k, v in result.published.items()}
-        (run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
-    if owns_group:
-        torch.distributed.destroy_process_group()
-    return result
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, fingerprint=self.fp)
+        load_full_state(self.method, self.opt, state["model"], state["optimizer"], sharded=self.sharded)
+        self.step, self.epoch, self.skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) != self.world:
+            log.warning("checkpoint was written by %d rank(s), resuming on %d: random streams restart from rank 0's",
+                        len(ranks), self.world)
+        set_rng_state(ranks[self.rank] if ranks is not None and len(ranks) == self.world else state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def refresh_publishable(self) -> torch.nn.Module | None:
+        """Rank 0's unsharded method with the current weights (collective under FSDP)."""
+        if not self.sharded:
+            return self.method
+        model, _ = full_state(self.method, None, sharded=True)
+        if self.main:
+            self.publishable.load_state_dict(model)
+        return self.publishable if self.main else None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics_file.close()
+        if self.board is not None:
+            self.board.close()
+
+    def finish(self) -> RunResult:
+        """Rank summary, pictures, final evals, exports and done.json (once the run reached its total)."""
+        cfg, result = self.cfg, self.result
+        result.steps = self.step
+        result.skipped = dict(self.loader.total_skipped)
+        if self.dropped:
+            result.skipped["dropped_by_collate"] = self.dropped
+            log.warning("the method's collate left out %d samples", self.dropped)
+        done: dict[str, Any] = {"steps": self.step, "world_size": self.world,
+                                "distributed": cfg.distributed if self.world > 1 else None, "skipped": result.skipped}
+        if self.world > 1:
+            done.update(rank_summary(self.method, self.seen, self.keys, self.world))
+        final = self.refresh_publishable()  # every rank: a collective under FSDP
+        if self.main and result.metrics:
+            draw_plots(final, self.run_dir, result.metrics, self.last_batch)
+        if self.step >= self.total and self.main:
+            result.evals = self.final_evals(final)
+            result.published = publish_exports(final, cfg, self.step, result.evals)
+            done["eval"] = result.evals
+            done["published"] = {k: str(v) for k, v in result.published.items()}
+            (self.run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+        return result
+
+    def final_evals(self, method) -> dict[str, dict[str, float]]:
+        """`eval.final` protocols on the final backbone: {task: {"knn_top1": ..., ...}}."""
+        cfg = self.cfg
+        if not (cfg.eval.final and cfg.eval.train and cfg.eval.val):
+            return {}
+        from zoo.eval.protocols import evaluate
+
+        train, val = self._eval_data()
+        task = cfg.eval.val.removeprefix("builtin:") if cfg.eval.val.startswith("builtin:") else Path(val).parent.name
+        with torch.random.fork_rng(devices=[]):
+            res = evaluate(method.backbone(), train, val, protocols=cfg.eval.final, k=cfg.eval.k,
+                           temperature=cfg.eval.temperature, desc=f"final eval {task}")
+        log.info("final eval on %s: %s", task, res)
+        return {task: {k: round(v, 2) for k, v in res.items()}}
+
+    # -- set-up pieces ------------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _init_from(self, name: str) -> None:
+        import zoo
+
+        try:
+            source = zoo.load(name)
+        except UnknownNameError as e:
+            raise ConfigError(f"init_from: {e}") from None
+        self.method.init_backbone(source.to(self.device), name)
+        log.info("initialised the backbone from %s", name)
+
+    def _eval_data(self) -> tuple[str, str]:
+        backbone = self.method.backbone()
+        if self.main:
+            train = resolve_data(self.cfg.eval.train, "train", backbone, EVAL_BUILTIN_N)
+            val = resolve_data(self.cfg.eval.val, "val", backbone, EVAL_BUILTIN_N)
+        self._barrier()
+        if not self.main:
+            train = resolve_data(self.cfg.eval.train, "train", backbone, EVAL_BUILTIN_N)
+            val = resolve_data(self.cfg.eval.val, "val", backbone, EVAL_BUILTIN_N)
+        return train, val
+
+    def _make_loader(self):
+        from zoo.data import dataset_size, loader
+
+        cfg, method = self.cfg, self.method
+        source = cfg.data.train or (f"builtin:{cfg.data.builtin}" if cfg.data.builtin else None)
+        if source is None:
+            raise ConfigError("no training data: give --data 'shards/{00000..00009}.tar', or set data.train "
+                              "(or data.builtin: fractals | scenes | digits) in the recipe")
+        backbone = method.backbone()
+        if self.main:
+            urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
+        self._barrier()  # rank 0 generates built-in shards first
+        if not self.main:
+            urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
+        cfg.data.train = urls
+        spec = method.data_spec()
+        transform = spec.sample_transform(backbone)
+
+        def prepare(sample: dict[str, Any]) -> dict[str, Any]:
+            out = transform(sample)
+            out["__key__"] = f"{sample.get('__url__')}#{sample.get('__key__')}"  # for the ranks' overlap check
+            if "__index__" in sample:
+                out["__index__"] = sample["__index__"]
+            return out
+
+        size = None if cfg.data.resampled and cfg.data.epoch_samples else dataset_size(urls, scan=True)
+        data = loader(
+            urls, fields=spec.fields, optional_fields=spec.optional_fields, transform=prepare, collate=spec.collate,
+            batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, resampled=cfg.data.resampled,
+            epoch_samples=cfg.data.epoch_samples or (size if cfg.data.resampled else None), shuffle=cfg.data.shuffle,
+            seed=cfg.seed, drop_last=True, index=spec.index,
+        )
+        return data, size
+
+    def _unsharded_copy(self) -> torch.nn.Module:
+        """A plain copy of the method on rank 0, refreshed from the FSDP shards for evals, plots and export."""
+        with torch.random.fork_rng(devices=[]):  # building draws random init: keep the training streams untouched
+            copy = build_method(self.cfg).to(self.device)
+        copy.requires_grad_(False)
+        return copy
 
 
-KEYS_TRACKED = 100_000  # per rank; enough to check the rank split without growing with the run
+def build_optimizer(groups: list[dict[str, Any]], optim, lr: float) -> torch.optim.Optimizer:
+    """`optim.name`: AdamW, SGD with momentum, or LARS (timm's, for large-batch SGD)."""
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
+    from timm.optim import Lars
+
+    return Lars(groups, lr=lr, momentum=optim.momentum)
 
 
-def _unsharded_copy(cfg, device: torch.device) -> torch.nn.Module:
-    """A plain copy of the method on rank 0, refreshed from the FSDP shards for evals, plots and export."""
-    with torch.random.fork_rng(devices=[]):  # building draws random init: keep the training streams untouched
-        copy = build_method(cfg).to(device)
-    copy.requires_grad_(False)
-    return copy
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors (also inside lists and dicts: multi-crop views) moved to the device."""
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and value and torch.is_tensor(value[0]):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _tensorboard(folder: Path):
@@ -351,37 +520,44 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], images: torch.Tensor | None) -> None:
-    """plots/: one curve per logged metric, and the method's reconstruction grid if it has one."""
-    from zoo.engine.plots import curve, image_grid
+def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], batch: dict[str, Any] | None) -> None:
+    """plots/: one curve per logged metric, and the method's own pictures of the last batch."""
+    from zoo.engine.plots import curve
 
     steps = [m["step"] for m in metrics]
     for key in sorted({k for m in metrics for k in m} - {"step"}):
         ys = [float(m.get(key, float("nan"))) for m in metrics]
         curve(steps, ys, run_dir / "plots" / f"{key}.png", title=f"{key} ({type(method).__name__})")
-    if images is not None and hasattr(method, "reconstruct"):
+    if batch is not None:
         was = method.training
         method.eval()
-        with torch.no_grad(), torch.random.fork_rng():
-            rec = method.reconstruct(images, generator=torch.Generator(device=images.device).manual_seed(0))
-        method.train(was)
-        cfg = _main_backbone(method).pretrained_cfg
-        rows = [rec[k] for k in ("original", "masked", "reconstruction", "pasted") if k in rec]
-        image_grid(rows, run_dir / "plots" / "reconstruction.png", mean=cfg["mean"], std=cfg["std"])
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                method.draw(batch, run_dir / "plots")
+        finally:
+            method.train(was)
 
 
-def publish_exports(method, cfg, steps: int) -> dict[str, Path]:
-    """Publish every backbone the method exports under `output.publish` (+ the export's tag suffix)."""
+def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] | None = None) -> dict[str, Path]:
+    """Publish every model the method exports for `output.publish`, each under its full name, with
+    the final evals in the main model's card."""
     from zoo.hub import publish
 
     if not cfg.output.publish:
         return {}
     out = {}
-    for suffix, backbone in method.export().items():
-        name = cfg.output.publish + (f"_{suffix}" if suffix else "")
-        card = {"recipe": cfg.method.name, "data": cfg.data.train, "steps": steps}
-        out[name] = publish(backbone, name, card, overwrite=True)
+    for name, item in method.export(cfg.output.publish).items():
+        export = item if isinstance(item, Export) else Export(item)
+        arch = getattr(export.model, "zoo_arch", None)
+        if arch is None or not name.startswith(f"{arch}."):
+            tag = cfg.output.publish.split(".", 1)[-1]
+            raise ConfigError(f"{type(method).__name__} exports {name!r}, but that model is {arch or 'not a zoo model'}: "
+                              f"a published name is 'ARCH.TAG' of its own arch; set output.publish to '{arch}.{tag}'")
+        card = {"recipe": cfg.method.name, "data": cfg.data.train, "steps": steps, **export.card}
+        if name == cfg.output.publish and evals:
+            card["eval"] = evals
+        out[name] = publish(export.model, name, card, overwrite=True)
     return out
 
 
-__all__ = ["pretrain", "RunResult", "CheckpointError"]
+__all__ = ["pretrain", "Trainer", "RunResult", "CheckpointError", "build_optimizer", "publish_exports"]

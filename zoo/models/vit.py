@@ -3,19 +3,20 @@
 A compact ViT whose parameter names are those of timm's `VisionTransformer` (and of the
 official MAE/DINO code), so checkpoints move between them by key filtering alone. Attention
 goes through `zoo.kernels.attention`; patch tokens can be dropped before the blocks (`keep=`)
-for masked-image-modelling methods.
+or replaced by a caller's mask token (`mask=`, iBOT/DINOv2) for masked-image-modelling methods, and
+multi-crop batches of several resolutions run as one packed sequence (`forward_features_list`).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 
-from zoo.kernels import attention
+from zoo.kernels import attention, attention_varlen, attention_weights
 from zoo.registry import MODELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,11 +56,38 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of tokens (B, N, C), each (B, heads, N, head_dim)."""
+        b, n, _ = x.shape
+        return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, seqlens: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """`seqlens`: x is (1, T, C) packed sequences of these lengths, each attending only within itself."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = attention(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = self.qkv_heads(x)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if seqlens is not None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask and seqlens cannot be combined")
+            x = attention_varlen(q, k, v, seqlens, dropout_p=dropout_p)
+        else:
+            x = attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+def drop_path_packed(x: torch.Tensor, drop_prob: float, seqlens: Sequence[int], scale_by_keep: bool = True) -> torch.Tensor:
+    """Stochastic depth on packed sequences (1, T, C): one keep/drop draw per sequence, as an unpacked
+    batch draws one per sample (timm's DropPath would drop the whole pack at once)."""
+    if drop_prob == 0.0:
+        return x
+    keep_prob = 1.0 - drop_prob
+    keep = x.new_empty(len(seqlens)).bernoulli_(keep_prob)
+    if scale_by_keep and keep_prob > 0.0:
+        keep.div_(keep_prob)
+    lengths = torch.as_tensor(list(seqlens), device=x.device)
+    return x * torch.repeat_interleave(keep, lengths, output_size=x.shape[1]).view(1, -1, 1)
 
 
 class Block(nn.Module):
@@ -87,9 +115,18 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def _drop_path(self, module: nn.Module, x: torch.Tensor, seqlens: Sequence[int] | None) -> torch.Tensor:
+        if seqlens is None or not isinstance(module, DropPath) or not self.training:
+            return module(x)
+        return drop_path_packed(x, module.drop_prob, seqlens, module.scale_by_keep)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, seqlens: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """`seqlens`: x is (1, T, C) packed sequences (see `Attention.forward`); norms and MLP run on all tokens."""
+        attn = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, seqlens=seqlens))
+        x = x + self._drop_path(self.drop_path1, attn, seqlens)
+        return x + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), seqlens)
 
 
 def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
@@ -219,11 +256,27 @@ class VisionTransformer(nn.Module):
             self.pos_embed, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=self.num_prefix_tokens
         )
 
-    def embed(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch tokens + position embedding, optionally only the patches `keep` (B, K), then the class token."""
+    def embed(
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Patch tokens + position embedding, then the class token. Optionally only the patches `keep` (B, K)
+        (MAE), or with the patches where `mask` (B, N) is True replaced by `mask_token` (D,) or (1, 1, D)
+        before the position embedding is added (iBOT/DINOv2); the caller owns the token."""
+        if keep is not None and mask is not None:
+            raise ValueError("pass keep= (drop patches) or mask= (replace patches), not both")
         b, _, h, w = x.shape
         grid = (h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1])
         x = self.patch_embed(x)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("mask= needs mask_token=, the (D,) or (1, 1, D) embedding of a masked patch")
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"mask must be (batch, patches) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            x = torch.where(mask.bool().unsqueeze(-1), mask_token.reshape(1, 1, -1).to(x.dtype), x)
         pos = self._pos_embed_for(grid)
         x = x + pos[:, self.num_prefix_tokens :]
         if keep is not None:
@@ -233,18 +286,66 @@ class VisionTransformer(nn.Module):
             x = torch.cat([cls, x], dim=1)
         return self.pos_drop(x)
 
-    def _run_blocks(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_blocks(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, seqlens: Sequence[int] | None = None
+    ) -> torch.Tensor:
         for blk in self.blocks:
             if getattr(self, "grad_checkpointing", False) and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask, seqlens, use_reentrant=False)
             else:
-                x = blk(x, attn_mask=attn_mask)
+                x = blk(x, attn_mask=attn_mask, seqlens=seqlens)
         return x
 
     # -- the uniform feature API --------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """All tokens after the final norm: (B, prefix + N, D), or prefix + K with `keep`."""
-        return self.norm(self._run_blocks(self.embed(x, keep)))
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """All tokens after the final norm: (B, prefix + N, D), or prefix + K with `keep`; `mask`/`mask_token`
+        replace patch embeddings (see `embed`)."""
+        return self.norm(self._run_blocks(self.embed(x, keep, mask, mask_token)))
+
+    def forward_features_list(
+        self,
+        xs: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor | None] | None = None,
+        mask_token: torch.Tensor | None = None,
+        pack: bool | None = None,
+    ) -> list[torch.Tensor]:
+        """`forward_features` of each batch in `xs` (multi-crop: resolutions may differ), `masks[i]` for xs[i].
+
+        `pack=True` runs every token sequence of every batch as one packed (1, T, D) sequence with
+        block-diagonal attention (one launch per layer); False runs each batch on its own; None packs on
+        CUDA only (on the CPU packed attention is per-length dense calls anyway). Results are the same."""
+        xs = list(xs)
+        masks = [None] * len(xs) if masks is None else list(masks)
+        if len(masks) != len(xs):
+            raise ValueError(f"got {len(masks)} masks for {len(xs)} inputs; pass one per input (None: unmasked)")
+        if not xs:
+            return []
+        if pack is None:
+            pack = xs[0].is_cuda
+        if not pack:
+            return [self.forward_features(x, mask=m, mask_token=mask_token) for x, m in zip(xs, masks)]
+        tokens = [self.embed(x, mask=m, mask_token=mask_token) for x, m in zip(xs, masks)]
+        seqlens = [t.shape[1] for t in tokens for _ in range(t.shape[0])]
+        packed = torch.cat([t.reshape(1, -1, t.shape[-1]) for t in tokens], dim=1)
+        out = self.norm(self._run_blocks(packed, seqlens=seqlens))
+        pieces = out[0].split([t.shape[0] * t.shape[1] for t in tokens])
+        return [p.reshape(t.shape[0], t.shape[1], -1) for p, t in zip(pieces, tokens)]
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-softmax attention of the last block (B, heads, prefix + N, prefix + N), as DINO's
+        visualize_attention draws it (row 0, the class token's, over the patches)."""
+        x = self.embed(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        q, k, _ = last.attn.qkv_heads(last.norm1(x))
+        return attention_weights(q, k)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the tokens from `forward_features` and apply the head (if any)."""
@@ -342,4 +443,4 @@ def timm_kwargs(model: VisionTransformer) -> dict[str, Any]:
     )
 
 
-__all__ = ["VisionTransformer", "Block", "Attention", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs"]
+__all__ = ["VisionTransformer", "Block", "Attention", "drop_path_packed", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs"]

@@ -22,12 +22,17 @@ the registered meta `max_samples` gives each split's size.
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Iterator
 
 from zoo.data.builtin import digits, fractals, scenes
 from zoo.registry import DATASETS
 
-__all__ = ["generate", "digits", "fractals", "scenes"]
+__all__ = ["generate", "materialize", "resolve_source", "BUILTIN_PREFIX", "digits", "fractals", "scenes"]
+
+BUILTIN_PREFIX = "builtin:"  # a data source 'builtin:NAME' means generated built-in shards
 
 DATASETS.register(
     "fractals", fractals.generate, num_classes=fractals.NUM_CLASSES, fields=fractals.FIELDS,
@@ -57,3 +62,32 @@ def generate(name: str, n: int, *, seed: int = 0, size: int = 32, split: str = "
     fractals; `start=` for all: the index of the first sample).
     """
     return DATASETS.get(name).factory(n, seed=seed, size=size, split=split, **kw)
+
+
+def materialize(name: str, split: str, n: int, *, root: str | Path, size: int = 32, seed: int = 0) -> str:
+    """Generate `n` samples of built-in `name` into shards under `root` once (later calls reuse them)
+    and return their pattern. The folder appears whole: written aside, then renamed."""
+    meta = DATASETS.get(name).meta
+    n = min(int(n), meta.get("max_samples", {}).get(split, int(n)))
+    folder = Path(root) / f"{name}-{split}-n{n}-{size}px-seed{seed}"
+    if not (folder / "sizes.json").is_file():
+        from zoo.data.shards import write_shards
+
+        tmp = folder.with_name(f".{folder.name}.part-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = {"name": name, "split": split, "seed": seed, "size": size, "num_classes": meta.get("num_classes"),
+                "source": "zoo.data.builtin", **({"classes": list(meta["classes"])} if meta.get("classes") else {})}
+        write_shards(generate(name, n, seed=seed, size=size, split=split), tmp, maxcount=1000, total=n, info=info,
+                     desc=f"{name}/{split}")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder / "*.tar")
+
+
+def resolve_source(source: str, *, split: str, root: str | Path, size: int = 32, n: int = 10_000) -> str:
+    """A shard pattern, with 'builtin:NAME' turned into materialized built-in shards of that split."""
+    if not str(source).startswith(BUILTIN_PREFIX):
+        return source
+    return materialize(str(source)[len(BUILTIN_PREFIX):], split, n, root=root, size=size)
