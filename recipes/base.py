@@ -238,22 +238,23 @@ def check_vit_overrides(method: type, name: str, overrides: Mapping[str, Any]) -
 
 
 def check_same_input(model: nn.Module, like: nn.Module, what: str) -> None:
-    """Refuse a model that does not see the same images and patch grid as `like` (a teacher for a student)."""
-    def describe(m: nn.Module) -> tuple[Any, Any, Any]:
-        cfg = getattr(m, "pretrained_cfg", {}) or {}
-        size = tuple(cfg.get("input_size", ()))
+    """Refuse a model that cannot see `like`'s images as the same patch grid (a teacher for a student):
+    the channels must match, and the model's patch size must tile `like`'s input into `like`'s grid."""
+    def describe(m: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...] | None]:
+        size = tuple((getattr(m, "pretrained_cfg", {}) or {}).get("input_size", ()))
         pe = getattr(m, "patch_embed", None)
-        patch = tuple(getattr(pe, "patch_size", ())) or None
-        grid = tuple(getattr(pe, "grid_size", ())) or None
-        return size, patch, grid
+        return size, tuple(getattr(pe, "patch_size", ())) or None, tuple(getattr(pe, "grid_size", ())) or None
 
-    (size_a, patch_a, grid_a), (size_b, patch_b, grid_b) = describe(model), describe(like)
-    if (size_a and size_b and size_a[0] != size_b[0]) or (grid_a and grid_b and grid_a != grid_b):
-        arch_a, arch_b = getattr(model, "zoo_arch", type(model).__name__), getattr(like, "zoo_arch", type(like).__name__)
+    (size_m, patch_m, _), (size_l, patch_l, grid_l) = describe(model), describe(like)
+    bad = bool(size_m and size_l and size_m[0] != size_l[0])
+    if patch_m and grid_l and size_l:
+        bad |= (size_l[1] // patch_m[0], size_l[2] // patch_m[1]) != grid_l
+    if bad:
+        arch_m, arch_l = getattr(model, "zoo_arch", type(model).__name__), getattr(like, "zoo_arch", type(like).__name__)
         raise ConfigError(
-            f"{what} ({arch_a}: input {size_a}, patch {patch_a}, grid {grid_a}) does not fit the student "
-            f"({arch_b}: input {size_b}, patch {patch_b}, grid {grid_b}); choose one with the same channels "
-            "and patch grid, or change model.arch"
+            f"{what} ({arch_m}: input {size_m}, patch {patch_m}) does not fit the student ({arch_l}: input {size_l}, "
+            f"patch {patch_l}, grid {grid_l}): it must take the same channels and cut the student's images into the "
+            "same patch grid; choose such a model or change model.arch"
         )
 
 

@@ -240,6 +240,7 @@ RECIPES.register(
     CLIP,
     family="clip",
     paper="arXiv:2405.08911",
+    cpu_recipe="clip_nano_patch4_32_scenes",
     description="CLIP / SigLIP on open_clip towers, with alt-text, quality or mixed captions (DataCompDR sampling)",
 )
 

@@ -17,10 +17,21 @@ engine lives at the bottom of this file.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+import zoo
+from zoo.data.transforms import MultiCrop
+from zoo.engine.ema import cosine_momentum, ema_copy, ema_update
+from zoo.errors import ConfigError
+from zoo.recipes.base import DataSpec, Method, Progress, check_vit_overrides
+from zoo.registry import MODELS, RECIPES
+from zoo.schedule import Schedule
 
 
 # -- distributed helpers (no-ops in a single process) --------------------------------------------
@@ -264,8 +275,232 @@ def ibot_masks(
     return masks[torch.randperm(n_images, generator=generator)]
 
 
+# -- data: multi-crop views per sample, block masks per batch ----------------------------------
+class MultiCropViews:
+    """Per-sample transform (in the loader workers): the image -> {"views": global crops, then local crops}."""
+
+    def __init__(self, crops: MultiCrop):
+        self.crops = crops
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {"views": self.crops(sample["image"])}
+
+
+class MaskedCollate:
+    """Per-batch collate (in the loader workers): stack the views, then draw iBOT block masks for the
+    `n_global` x B global crops (DINOv2's rule), seeded with the loader's stream."""
+
+    def __init__(self, n_global: int, grid: tuple[int, int], mask_probability: float,
+                 mask_ratio: tuple[float, float]):
+        self.n_global, self.grid = n_global, tuple(grid)
+        self.mask_probability, self.mask_ratio = mask_probability, tuple(mask_ratio)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(samples)
+        n = self.n_global * len(samples)
+        batch["masks"] = ibot_masks(n, self.grid, mask_probability=self.mask_probability, ratio_range=self.mask_ratio)
+        return batch
+
+
+# -- the method ----------------------------------------------------------------------------------
+class Network(nn.Module):
+    """A backbone and its projection head(s), named as DINO's `MultiCropWrapper` (`backbone.*`, `head.*`)."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead, ibot_head: DINOHead | None = None):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.ibot_head = ibot_head  # None: iBOT shares `head` (DINOv2's default)
+
+    def patch_head(self) -> DINOHead:
+        return self.head if self.ibot_head is None else self.ibot_head
+
+
+class DINO(Method):
+    """DINO + iBOT pretraining of a zoo ViT (`arch`); the EMA teacher's backbone is what is evaluated
+    and published. Arguments are DINO's and DINOv2's names; see the module docstring and the recipes.
+
+    Per step: the teacher encodes the global crops; the student encodes the global crops (with block
+    masks in `mask_probability` of them) and the local crops. loss = dino_weight * DINO cross-view loss
+    (class token) + ibot_weight * iBOT loss (masked patches) + koleo_weight * KoLeo (student class
+    tokens, per global crop). Then AdamW, then teacher <- EMA of the student.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_layers: int = 3,
+        norm_last_layer: bool = True,
+        freeze_last_layer: int = 1,  # epochs without gradients into the prototypes
+        separate_ibot_head: bool = False,
+        n_global_crops: int = 2,
+        n_local_crops: int = 6,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        local_crops_size: int | None = None,  # default: about 3/7 of the input size, a multiple of the patch
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: float = 30,
+        momentum_teacher: float = 0.996,  # cosine to 1 over the run
+        centering: Literal["center", "sinkhorn_knopp"] = "center",
+        center_momentum: float = 0.9,
+        dino_weight: float = 1.0,
+        ibot_weight: float = 1.0,
+        koleo_weight: float = 0.1,
+        mask_probability: float = 0.5,
+        mask_ratio: tuple[float, float] = (0.1, 0.5),
+        pack_crops: bool | None = None,  # None: pack through attention_varlen on CUDA only
+        **arch_overrides: Any,
+    ):
+        super().__init__()
+        if MODELS.get(arch).meta.get("family") != "vit":
+            raise ConfigError(f"dino: {arch!r} is not a ViT architecture; DINO/iBOT trains a zoo ViT")
+        check_vit_overrides(DINO, "dino", arch_overrides)
+        if n_global_crops < 2:
+            raise ConfigError(f"dino: the DINO loss pairs every crop with a *different* global crop of the teacher, "
+                              f"so it needs n_global_crops >= 2; got {n_global_crops}")
+        if n_local_crops < 0:
+            raise ConfigError(f"dino: n_local_crops must be >= 0 (0: global crops only), got {n_local_crops}")
+        if centering not in ("center", "sinkhorn_knopp"):
+            raise ConfigError(f"dino: centering must be 'center' or 'sinkhorn_knopp', got {centering!r}")
+        if ibot_weight > 0 and not 0 < mask_probability <= 1:
+            raise ConfigError(f"dino: the iBOT loss needs masked crops: mask_probability in (0, 1], got "
+                              f"{mask_probability}; or set ibot_weight: 0")
+        if not 0 <= mask_ratio[0] <= mask_ratio[1] < 1:
+            raise ConfigError(f"dino: mask_ratio must be (low, high) with 0 <= low <= high < 1, got {mask_ratio}")
+        for key in ("global_pool", "num_classes"):
+            if key in arch_overrides:
+                raise ConfigError(f"dino: the backbone is pretrained with its class token and no head; "
+                                  f"remove {key} (choose pooling and heads when probing)")
+        backbone = zoo.create_model(arch, global_pool="token", num_classes=0, **arch_overrides)
+        dim = backbone.embed_dim
+        head_args = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=head_layers,
+                         norm_last_layer=norm_last_layer)
+        ibot_head = DINOHead(dim, out_dim, **head_args) if separate_ibot_head else None
+        self.student = Network(backbone, DINOHead(dim, out_dim, **head_args), ibot_head)
+        self.teacher = self.freeze(ema_copy(self.student))  # state: it stays in checkpoints
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # the student's; the exported ViT has none
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("patch_center", torch.zeros(1, out_dim))
+        self.arch = arch
+        self.n_global, self.n_local = int(n_global_crops), int(n_local_crops)
+        self.crops = dict(global_scale=tuple(global_crops_scale), local_scale=tuple(local_crops_scale),
+                          local_size=local_crops_size)
+        self.student_temp, self.centering, self.center_momentum = student_temp, centering, center_momentum
+        self.teacher_temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+        self.momentum_teacher, self.freeze_last_layer = momentum_teacher, freeze_last_layer
+        self.weights = {"dino": dino_weight, "ibot": ibot_weight, "koleo": koleo_weight}
+        self.mask_probability, self.mask_ratio = mask_probability, tuple(mask_ratio)
+        self.pack_crops = pack_crops
+
+    # -- the Method contract ---------------------------------------------------------------------
+    def schedules(self) -> dict[str, Schedule]:
+        """DINO's teacher momentum (cosine to 1) and teacher temperature (linear warmup, then constant)."""
+        warm_from, temp, warm_epochs = self.teacher_temps
+        return {"momentum": cosine_momentum(self.momentum_teacher, 1.0),
+                "teacher_temp": Schedule(temp, shape="constant", warmup_epochs=warm_epochs, warmup_from=warm_from)}
+
+    def data_spec(self) -> DataSpec:
+        vit = self.student.backbone
+        crops = MultiCrop(vit, n_global=self.n_global, n_local=self.n_local, **self.crops)
+        collate = MaskedCollate(self.n_global, vit.patch_embed.grid_size, self.mask_probability, self.mask_ratio) \
+            if self.weights["ibot"] > 0 else None
+        return DataSpec(fields=("image",), transform=MultiCropViews(crops), collate=collate)
+
+    def _targets(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp)
+        return teacher_softmax_centered(logits, center, temp)
+
+    def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        views = batch["views"]
+        globals_, locals_ = torch.cat(views[: self.n_global]), views[self.n_global :]
+        masks = batch.get("masks") if self.weights["ibot"] > 0 else None
+        temp = self.scheduled.get("teacher_temp", self.teacher_temps[1])
+        with torch.no_grad():
+            t_tokens = self.teacher.backbone.forward_features(globals_)
+            t_cls = self.teacher.head(t_tokens[:, 0])
+            t_probs = self._targets(t_cls, self.center, temp)
+            if masks is not None:
+                t_patch = self.teacher.patch_head()(t_tokens[:, 1:][masks])
+                t_patch_probs = self._targets(t_patch, self.patch_center, temp)
+        inputs = [globals_] + ([torch.cat(locals_)] if locals_ else [])
+        tokens = self.student.backbone.forward_features_list(
+            inputs, masks=[masks] + [None] * (len(inputs) - 1), mask_token=self.mask_token, pack=self.pack_crops)
+        s_cls = self.student.head(torch.cat([t[:, 0] for t in tokens]))
+        n_views = self.n_global + self.n_local
+        losses = {"dino": dino_loss(list(s_cls.chunk(n_views)), list(t_probs.chunk(self.n_global)), self.student_temp)}
+        if masks is not None:
+            s_patch = self.student.patch_head()(tokens[0][:, 1:][masks])
+            losses["ibot"] = ibot_patch_loss(s_patch, t_patch_probs, masks, self.student_temp)
+        if self.weights["koleo"] > 0:
+            cls = tokens[0][:, 0]
+            losses["koleo"] = sum(koleo_loss(c) for c in cls.chunk(self.n_global))  # DINOv2: summed over crops
+        loss = sum(self.weights[k] * v for k, v in losses.items())
+        with torch.no_grad():
+            if self.centering == "center":
+                self.center.copy_(update_center(self.center, t_cls, self.center_momentum))
+                if masks is not None and len(t_patch):
+                    self.patch_center.copy_(update_center(self.patch_center, t_patch, self.center_momentum))
+            entropy = -(t_probs * t_probs.clamp_min(1e-12).log()).sum(-1).mean()
+        return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in losses.items()}, "teacher_entropy": entropy}
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """DINO: no gradient into the prototypes during the first `freeze_last_layer` epochs."""
+        if progress.epoch < self.freeze_last_layer:
+            heads = [self.student.head] + ([self.student.ibot_head] if self.student.ibot_head is not None else [])
+            for head in heads:
+                for p in head.last_layer_parameters():
+                    p.grad = None
+
+    def on_step_end(self, progress: Progress) -> None:
+        ema_update(self.teacher, self.student, self.scheduled.get("momentum", self.momentum_teacher))
+
+    def backbone(self) -> nn.Module:
+        """The EMA teacher's ViT: DINO evaluates (and releases) the teacher."""
+        return self.teacher.backbone
+
+    def init_backbone(self, source: nn.Module, name: str) -> None:
+        """`init_from` loads into the student; the teacher starts as its copy."""
+        from zoo.convert import fit_state_dict, load_checked
+
+        target = self.student.backbone
+        load_checked(target, fit_state_dict(source.state_dict(), target), f"init_from {name!r}")
+        self.teacher.backbone.load_state_dict(target.state_dict())
+
+    def draw(self, batch: dict[str, Any], folder: Path) -> list[Path]:
+        """plots/attention.png: the teacher's last-block attention of the class token over the patches,
+        per head, on the first global crop of up to 6 images."""
+        from zoo.engine.plots import attention_maps
+
+        vit = self.teacher.backbone
+        images = batch["views"][0][:6]
+        attn = vit.get_last_selfattention(images)[:, :, 0, vit.num_prefix_tokens:]  # (B, heads, N)
+        gh, gw = images.shape[-2] // vit.patch_embed.patch_size[0], images.shape[-1] // vit.patch_embed.patch_size[1]
+        cfg = vit.pretrained_cfg
+        return [attention_maps(images, attn.reshape(len(images), -1, gh, gw), folder / "attention.png",
+                               mean=cfg["mean"], std=cfg["std"], title=f"{self.arch}: class-token attention (teacher)")]
+
+
+RECIPES.register(
+    "dino",
+    DINO,
+    family="dino",
+    paper="arXiv:2104.14294, arXiv:2111.07832",
+    cpu_recipe="dino_vit_tiny_patch4_32_fractals",
+    description="DINO self-distillation (EMA teacher, multi-crop, centering) with iBOT's masked-patch loss and KoLeo",
+)
+
 __all__ = [
+    "DINO",
     "DINOHead",
+    "MaskedCollate",
+    "MultiCropViews",
+    "Network",
     "block_mask",
     "dino_loss",
     "ibot_masks",

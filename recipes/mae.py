@@ -351,6 +351,7 @@ RECIPES.register(
     MAE,
     family="mae",
     paper="arXiv:2111.06377",
+    cpu_recipe="mae_vit_tiny_patch4_32_fractals",
     description="Masked autoencoder: ViT encoder on 25% of the patches, light decoder predicts the pixels of the rest",
 )
 

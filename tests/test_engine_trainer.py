@@ -16,6 +16,7 @@ from zoo.data import write_shards
 from zoo.data.builtin import generate
 from zoo.engine.trainer import pretrain
 from zoo.errors import ZooError
+from zoo.recipes.base import DataSpec, Method
 
 
 @pytest.fixture
@@ -261,3 +262,125 @@ def test_torchrun_fsdp_matches_ddp_and_resumes_exactly(fractal_shards, tmp_path)
 
     published = zoo.load("vit_nano_patch4_32.fsdp_test").state_dict()  # gathered from the shards on rank 0
     assert all(torch.equal(published[k], fsdp["encoder." + k]) for k in published)
+
+
+# -- the contract's shapes: a toy float64 regression and a frozen teacher loaded by name -------------
+class LinearRegression(Method):
+    """loss = mean((x . w - y)^2) in float64: gradients of a batch are exact means of per-sample ones."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(fields=("array",), transform=lambda s: {"xy": torch.from_numpy(s["array"])})
+
+    def training_step(self, batch, step):
+        x, y = batch["xy"][:, :4], batch["xy"][:, 4]
+        return {"loss": ((x @ self.w - y) ** 2).mean()}
+
+    def backbone(self):
+        return self
+
+
+@pytest.fixture
+def registered():
+    from zoo.registry import RECIPES
+
+    added = []
+
+    def register(name, factory):
+        RECIPES.register(name, factory)
+        added.append(name)
+
+    yield register
+    for name in added:
+        RECIPES._entries.pop(name)
+
+
+def test_accumulation_across_an_epoch_boundary_equals_the_big_batch(tmp_path, registered):
+    """2 micro-batches of 2 with accum_steps=2 = one batch of 4, also when the 4 straddle two epochs
+    (6 samples: 3 micro-batches an epoch). float64, tolerance 1e-12 (sums in another order)."""
+    import numpy as np
+
+    registered("test_linreg", LinearRegression)
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(6, 5))
+    write_shards(({"__key__": f"{i:09d}", "array": xy[i]} for i in range(6)), tmp_path / "d", maxcount=6)
+    lr, steps = 0.1, 3
+    r = {"method": {"name": "test_linreg"}, "model": {"arch": "none"},
+         "data": {"train": str(tmp_path / "d" / "00000.tar"), "batch_size": 2, "shuffle": 0},
+         "optim": {"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": 0.0, "accum_steps": 2},
+         "schedule": {"steps": steps, "kind": "constant"}, "eval": {"final": []},
+         "output": {"checkpoint_every": 0, "log_every": 1}}
+    pretrain(r, run_dir=tmp_path / "run")
+    w = torch.zeros(4, dtype=torch.float64)
+    order = list(range(6)) * 2  # shuffle 0: the shard's order, epoch after epoch
+    t = torch.from_numpy(xy)
+    for s in range(steps):  # step 2 takes samples 4, 5 of epoch 0 and 0, 1 of epoch 1
+        big = t[order[4 * s : 4 * s + 4]]
+        x, y = big[:, :4], big[:, 4]
+        w -= lr * (2 * x.T @ (x @ w - y) / len(big))
+    got = weights(tmp_path / "run")["w"]
+    assert torch.allclose(got, w, atol=1e-12, rtol=0), (got, w)
+
+
+class Distill(Method):
+    """A student ViT regressing a frozen teacher's class token: the teacher is loaded by name."""
+
+    def __init__(self, arch: str, teacher: str):
+        super().__init__()
+        import zoo
+
+        self.student = zoo.create_model(arch)
+        self.teacher = self.load_frozen(teacher, like=self.student)
+
+    def training_step(self, batch, step):
+        assert not self.teacher.training and self.student.training
+        with torch.no_grad():
+            target = self.teacher.forward_features(batch["image"])[:, 0]
+        return {"loss": ((self.student.forward_features(batch["image"])[:, 0] - target) ** 2).mean()}
+
+    def backbone(self):
+        return self.student
+
+
+def test_frozen_teacher_loaded_by_name_is_not_trained_or_checkpointed(fractal_shards, tmp_path, registered):
+    import zoo
+    from zoo.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+    registered("test_distill", Distill)
+    teacher = zoo.create_model("vit_nano_patch4_32")
+    zoo.publish(teacher, "vit_nano_patch4_32.teacher")
+    r = {"method": {"name": "test_distill", "teacher": "vit_nano_patch4_32.teacher"},
+         "model": {"arch": "vit_nano_patch4_32"}, "data": {"train": fractal_shards, "batch_size": 8, "shuffle": 16},
+         "optim": {"lr": 1e-3, "clip_grad": 1.0}, "schedule": {"steps": 6}, "eval": {"final": []},
+         "output": {"checkpoint_every": 3, "log_every": 1}}
+    pretrain(r, run_dir=tmp_path / "straight")
+    state = load_checkpoint(latest_checkpoint(tmp_path / "straight"))
+    assert state["model"] and not any(k.startswith("teacher.") for k in state["model"])  # re-loaded by name instead
+    n_student = len([p for p in teacher.parameters()])
+    assert len(state["optimizer"]["state"]) == n_student  # only the student's parameters are optimised
+    pretrain(r, run_dir=tmp_path / "resumed", stop_after=3)
+    pretrain(r, run_dir=tmp_path / "resumed", resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from zoo.engine.trainer import build_method
+    from zoo.config import load_config
+
+    method = build_method(load_config(r))
+    method.load_state_dict(a)  # strict: the teacher's keys are missing on purpose
+    assert all(torch.equal(x, y) for x, y in zip(method.teacher.state_dict().values(), teacher.state_dict().values()))
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+
+
+def test_a_teacher_that_cuts_another_patch_grid_is_refused(registered):
+    import zoo
+
+    registered("test_distill", Distill)
+    zoo.publish(zoo.create_model("vit_tiny_patch8_64"), "vit_tiny_patch8_64.teacher")
+    with pytest.raises(ZooError, match="same patch grid") as info:
+        Distill("vit_nano_patch4_32", "vit_tiny_patch8_64.teacher")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ZooError, match="cannot load the frozen model 'vit_nano_patch4_32.nope'"):
+        Distill("vit_nano_patch4_32", "vit_nano_patch4_32.nope")

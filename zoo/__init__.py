@@ -4,6 +4,7 @@
     model = zoo.create_model("vit_tiny_patch4_32")          # an architecture, random init
     model = zoo.load("vit_tiny_patch4_32.mae_fractal")      # published weights, by name
     zoo.list_models("vit_*_patch4_*")
+    result = zoo.pretrain("dino_vit_tiny_patch4_32_fractals", steps=50)   # a recipe on its built-in data
 """
 
 __version__ = "0.1.0"
@@ -11,4 +12,21 @@ __version__ = "0.1.0"
 from zoo.errors import ZooError  # noqa: E402
 from zoo.hub import create_model, list_models, load, publish, register_weights  # noqa: E402
 
-__all__ = ["__version__", "ZooError", "create_model", "list_models", "load", "publish", "register_weights"]
+
+
+def pretrain(recipe, *, data=None, overrides=(), run_dir=None, resume=False, overwrite=False, **values):
+    """Train a recipe (an installed recipe's name, a YAML path or a dict) and return its RunResult.
+
+    `overrides` are `--set` strings (`"optim.lr=1e-3"`); keyword values are dotted keys with `__` for
+    the dots (`optim__lr=1e-3`) or the shortcuts steps, epochs, batch_size, lr, seed, publish."""
+    import json
+
+    from zoo.engine.trainer import pretrain as run
+
+    shortcuts = {"steps": "schedule.steps", "epochs": "schedule.epochs", "batch_size": "data.batch_size",
+                 "lr": "optim.lr", "seed": "seed", "publish": "output.publish"}
+    lines = list(overrides) + [f"{shortcuts.get(k, k.replace('__', '.'))}={json.dumps(v)}" for k, v in values.items()]
+    return run(recipe, data=data, overrides=lines, run_dir=run_dir, resume=resume, overwrite=overwrite)
+
+
+__all__ = ["__version__", "ZooError", "create_model", "list_models", "load", "publish", "register_weights", "pretrain"]

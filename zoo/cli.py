@@ -383,8 +383,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"run: {res.run_dir}  steps: {res.steps}  final loss: {last.get('loss', float('nan')):.4f}")
     if res.skipped:
         print("skipped samples: " + ", ".join(f"{n} {r}" for r, n in res.skipped.items()))
+    for task, metrics in res.evals.items():
+        print(f"final eval on {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     for name, path in res.published.items():
         print(f"published {name} -> {path}")
+    return 0
+
+
+def recipe_rows() -> list[dict[str, Any]]:
+    """One row per registered method: its recipe YAMLs (the CPU one first), paper and summary."""
+    from zoo.config import installed_recipes, load_config
+    from zoo.registry import RECIPES
+
+    by_method: dict[str, list[str]] = {}
+    for name, path in installed_recipes().items():
+        by_method.setdefault(load_config(path).method.name, []).append(name)
+    rows = []
+    for entry in RECIPES:
+        cpu = entry.meta.get("cpu_recipe")
+        names = sorted(by_method.get(entry.name, []), key=lambda n: (n != cpu, n))
+        rows.append({"method": entry.name, "recipes": names, "cpu_recipe": cpu, "paper": entry.meta.get("paper", "-"),
+                     "summary": entry.meta.get("description", "")})
+    return rows
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    rows = recipe_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print_table([{**r, "recipes": ", ".join(r["recipes"]) or "-"} for r in rows], ["method", "recipes", "paper", "summary"])
+    print("\nrun one on its built-in data: zoo pretrain RECIPE (e.g. zoo pretrain "
+          f"{rows[0]['recipes'][0] if rows and rows[0]['recipes'] else 'RECIPE'})", file=sys.stderr)
     return 0
 
 
@@ -556,9 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("pretrain", help="pretrain a recipe on webdataset shards")
-    s.add_argument("recipe", help="recipe YAML, e.g. recipes/mae_vit_tiny_patch4_32_fractals.yaml")
-    s.add_argument("--data", help="training shards, e.g. 'shards/train-{00000..00015}.tar' (overrides data.train)")
+    s = sub.add_parser("recipes", help="list the pretraining methods and their recipes")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_recipes)
+
+    s = sub.add_parser("pretrain", help="pretrain a recipe on webdataset shards (or its built-in data)")
+    s.add_argument("recipe", help="an installed recipe's name (zoo recipes lists them), e.g. "
+                                  "dino_vit_tiny_patch4_32_fractals, or a recipe YAML path")
+    s.add_argument("--data", help="training shards, e.g. 'shards/train-{00000..00015}.tar' (overrides data.train; "
+                                  "default: the recipe's data, e.g. its built-in data.builtin)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. optim.lr=1e-3")
     s.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
     s.add_argument("--resume", nargs="?", const=True, default=None,

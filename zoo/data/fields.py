@@ -35,11 +35,20 @@ def ext_of(field: str, value: object = None) -> str:
         return WRITE_EXT[field]
     if isinstance(value, np.ndarray):
         return f"{field}.npy"
-    if type(value).__module__.startswith("torch"):  # a tensor or a dict of them, without importing torch here
+    if _holds_torch(value):  # a tensor or a dict of them, without importing torch here
         return f"{field}.pth"
+    if isinstance(value, dict):
+        return f"{field}.json"
     if isinstance(value, str):
         return f"{field}.txt"
     return f"{field}.png"  # other modalities are images (thermal, depth): lossless
+
+
+def _holds_torch(value: object) -> bool:
+    """A torch tensor, or a non-empty dict of them (written as `.pth`, read back with weights_only=True)."""
+    if isinstance(value, dict):
+        return bool(value) and all(_holds_torch(v) for v in value.values())
+    return type(value).__module__.startswith("torch")
 
 
 # -- bytes <-> values ---------------------------------------------------------------------------
@@ -104,6 +113,12 @@ def encode_field(field: str, value, *, image_format: str = "jpg", quality: int =
         return ext, str(int(value)).encode()
     if isinstance(value, str):
         return ext, value.encode("utf-8")
+    if ext.endswith(".pth"):
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        return ext, buf.getvalue()
     if field == "meta" or isinstance(value, dict):
         return ext, json.dumps(value).encode("utf-8")
     if field == "mask" and isinstance(value, np.ndarray):
@@ -116,11 +131,5 @@ def encode_field(field: str, value, *, image_format: str = "jpg", quality: int =
     if isinstance(value, np.ndarray):
         buf = io.BytesIO()
         np.save(buf, value, allow_pickle=False)
-        return ext, buf.getvalue()
-    if ext.endswith(".pth"):
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(value, buf)
         return ext, buf.getvalue()
     raise TypeError(f"cannot encode field {field!r} of type {type(value).__name__}")

@@ -108,10 +108,10 @@ def data_root() -> Path:
 
 def resolve_data(source: str | None, split: str, backbone: torch.nn.Module, n: int) -> str | None:
     """A shard pattern for `source`, generating 'builtin:NAME' shards at the backbone's input size."""
-    if source is None:
-        return None
-    from zoo.data.builtin import resolve_source
+    from zoo.data.builtin import BUILTIN_PREFIX, resolve_source
 
+    if source is None or not source.startswith(BUILTIN_PREFIX):
+        return source
     size = int(backbone.pretrained_cfg["input_size"][-1])
     return resolve_source(source, split=split, root=data_root(), size=size, n=n)
 
@@ -545,14 +545,19 @@ def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] 
 
     if not cfg.output.publish:
         return {}
-    out = {}
-    for name, item in method.export(cfg.output.publish).items():
-        export = item if isinstance(item, Export) else Export(item)
+    exports = {name: item if isinstance(item, Export) else Export(item)
+               for name, item in method.export(cfg.output.publish).items()}
+    for name, export in exports.items():  # every name checked before any is published
         arch = getattr(export.model, "zoo_arch", None)
-        if arch is None or not name.startswith(f"{arch}."):
+        if arch is None:
+            raise ConfigError(f"{type(method).__name__} exports {name!r}, but that model is not a zoo model; "
+                              "export models built with zoo.create_model(ARCH)")
+        if not name.startswith(f"{arch}."):
             tag = cfg.output.publish.split(".", 1)[-1]
-            raise ConfigError(f"{type(method).__name__} exports {name!r}, but that model is {arch or 'not a zoo model'}: "
+            raise ConfigError(f"{type(method).__name__} exports {name!r}, but that model is {arch}: "
                               f"a published name is 'ARCH.TAG' of its own arch; set output.publish to '{arch}.{tag}'")
+    out = {}
+    for name, export in exports.items():
         card = {"recipe": cfg.method.name, "data": cfg.data.train, "steps": steps, **export.card}
         if name == cfg.output.publish and evals:
             card["eval"] = evals

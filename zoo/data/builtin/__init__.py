@@ -66,7 +66,8 @@ def generate(name: str, n: int, *, seed: int = 0, size: int = 32, split: str = "
 
 def materialize(name: str, split: str, n: int, *, root: str | Path, size: int = 32, seed: int = 0) -> str:
     """Generate `n` samples of built-in `name` into shards under `root` once (later calls reuse them)
-    and return their pattern. The folder appears whole: written aside, then renamed."""
+    and return their pattern. The folder appears whole: written aside, then renamed. Sample i depends
+    only on (name, split, seed, i), so the same data comes back on every machine."""
     meta = DATASETS.get(name).meta
     n = min(int(n), meta.get("max_samples", {}).get(split, int(n)))
     folder = Path(root) / f"{name}-{split}-n{n}-{size}px-seed{seed}"
@@ -77,8 +78,9 @@ def materialize(name: str, split: str, n: int, *, root: str | Path, size: int = 
         shutil.rmtree(tmp, ignore_errors=True)
         info = {"name": name, "split": split, "seed": seed, "size": size, "num_classes": meta.get("num_classes"),
                 "source": "zoo.data.builtin", **({"classes": list(meta["classes"])} if meta.get("classes") else {})}
-        write_shards(generate(name, n, seed=seed, size=size, split=split), tmp, maxcount=1000, total=n, info=info,
-                     desc=f"{name}/{split}")
+        per_shard = max(1, min(1000, -(-n // 8)))  # at least 8 shards: enough for a few loader workers
+        write_shards(generate(name, n, seed=seed, size=size, split=split), tmp, maxcount=per_shard, total=n,
+                     info=info, desc=f"{name}/{split}")
         try:
             os.replace(tmp, folder)
         except OSError:  # another process made it first
