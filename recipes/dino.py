@@ -439,6 +439,10 @@ class DINO(Method):
             losses["ibot"] = ibot_patch_loss(s_patch, t_patch_probs, masks, self.student_temp)
         if self.weights["koleo"] > 0:
             cls = tokens[0][:, 0]
+            if len(cls) < 2 * self.n_global:
+                raise ConfigError(f"dino: KoLeo compares each image with its nearest neighbour in the batch, so it "
+                                  f"needs >= 2 images per process; got {len(cls) // self.n_global}: raise "
+                                  "data.batch_size or set method.koleo_weight: 0")
             losses["koleo"] = sum(koleo_loss(c) for c in cls.chunk(self.n_global))  # DINOv2: summed over crops
         loss = sum(self.weights[k] * v for k, v in losses.items())
         with torch.no_grad():

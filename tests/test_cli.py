@@ -181,3 +181,24 @@ def test_info_kernels_says_what_runs_here_and_why_not(capsys, monkeypatch):
     assert rec["torch"] and "attention_kl" in rec
     assert main(["info"]) == 2
     assert "--kernels" in capsys.readouterr().err
+
+
+def test_recipes_lists_every_method_with_its_yamls(capsys):
+    from zoo.registry import RECIPES
+
+    assert main(["recipes", "--json"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {e.name for e in RECIPES} >= {"mae", "clip", "dino"}
+    assert rows["dino"]["recipes"] == ["dino_vit_tiny_patch4_32_fractals", "dino_vit_small_patch16_224"]  # CPU one first
+    assert rows["mae"]["cpu_recipe"] == "mae_vit_tiny_patch4_32_fractals" and rows["dino"]["paper"].startswith("arXiv:")
+    assert main(["recipes"]) == 0
+    assert "dino_vit_tiny_patch4_32_fractals" in capsys.readouterr().out
+
+
+def test_pretrain_finds_an_installed_recipe_by_name_and_suggests_on_a_typo(capsys, tmp_path):
+    assert main(["pretrain", "dino_vit_tiny_patch4_32_fractal", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean dino_vit_tiny_patch4_32_fractals" in err and "zoo recipes" in err
+    assert main(["pretrain", "mae_vit_tiny_patch4_32_fractals", "--run-dir", str(tmp_path / "m"),
+                 "--set", "method.mask_ratio=1.5"]) == 2  # found by name, then validated
+    assert "mask_ratio must be in (0, 1)" in capsys.readouterr().err

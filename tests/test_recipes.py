@@ -24,7 +24,8 @@ from zoo.registry import RECIPES
 
 # Tiny steps on tiny built-in data: a few seconds per recipe. Only run-length keys, the same for all.
 SMOKE = ["schedule.steps=8", "schedule.warmup_steps=2", "optim.lr=1e-3", "data.batch_size=8", "data.builtin_n=32",
-         "data.num_workers=0", "eval.final=[]", "eval.every=0", "output.log_every=1", "output.checkpoint_every=4"]
+         "data.num_workers=0", "eval.final=[]", "eval.every=0", "output.log_every=1", "output.checkpoint_every=4",
+         "output.plots=false", "output.tensorboard=false"]
 METHODS = [e.name for e in RECIPES]
 
 

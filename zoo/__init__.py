@@ -7,7 +7,7 @@
     result = zoo.pretrain("dino_vit_tiny_patch4_32_fractals", steps=50)   # a recipe on its built-in data
 """
 
-__version__ = "0.1.0"
+from zoo.version import __version__  # noqa: E402
 
 from zoo.errors import ZooError  # noqa: E402
 from zoo.hub import create_model, list_models, load, publish, register_weights  # noqa: E402

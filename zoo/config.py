@@ -462,6 +462,7 @@ class OutputConfig(_Section):
     keep_last: int = 2
     log_every: int = 10
     tensorboard: bool = True  # also write TensorBoard events to tb/ when tensorboard is installed
+    plots: bool = True  # plots/: metric curves and the method's pictures, at the end
 
     def _check(self) -> None:
         try:

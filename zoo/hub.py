@@ -159,7 +159,7 @@ def make_card(model: nn.Module, name: str, card: dict[str, Any] | None = None) -
     }
     provenance.setdefault("git_commit", _git_commit())
     provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    from zoo import __version__
+    from zoo.version import __version__
 
     provenance.setdefault("zoo_version", __version__)
     pcfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(model, "pretrained_cfg", {})).items()}

@@ -172,6 +172,8 @@ class Trainer:
         method = self.method = build_method(cfg).to(device)
         if cfg.init_from and ckpt_path is None:
             self._init_from(cfg.init_from)
+        if cfg.output.publish:
+            checked_exports(method, cfg)
         if self.world > 1:
             for t in [*method.parameters(), *method.buffers()]:
                 torch.distributed.broadcast(t.data, src=0)
@@ -179,7 +181,7 @@ class Trainer:
         self.loader, self.size = self._make_loader()
         batches = len(self.loader) if self.size is not None or cfg.data.resampled else 0
         if not batches:
-            raise ZooError(f"{cfg.data.train} holds fewer samples than one batch of {cfg.data.batch_size}")
+            raise ZooError(f"{self.data_source} holds fewer samples than one batch of {cfg.data.batch_size}")
         self.steps_per_epoch = batches / cfg.optim.accum_steps  # optimizer steps
         self.total = int(cfg.schedule.steps) if cfg.schedule.steps is not None else \
             max(1, int(math.ceil(cfg.schedule.epochs * self.steps_per_epoch)))
@@ -393,11 +395,11 @@ class Trainer:
         if self.world > 1:
             done.update(rank_summary(self.method, self.seen, self.keys, self.world))
         final = self.refresh_publishable()  # every rank: a collective under FSDP
-        if self.main and result.metrics:
+        if self.main and result.metrics and cfg.output.plots:
             draw_plots(final, self.run_dir, result.metrics, self.last_batch)
         if self.step >= self.total and self.main:
             result.evals = self.final_evals(final)
-            result.published = publish_exports(final, cfg, self.step, result.evals)
+            result.published = publish_exports(final, cfg, self.step, result.evals, data=self.data_source)
             done["eval"] = result.evals
             done["published"] = {k: str(v) for k, v in result.published.items()}
             (self.run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
@@ -426,10 +428,10 @@ class Trainer:
             torch.distributed.barrier()
 
     def _init_from(self, name: str) -> None:
-        import zoo
+        from zoo.hub import load
 
         try:
-            source = zoo.load(name)
+            source = load(name)
         except UnknownNameError as e:
             raise ConfigError(f"init_from: {e}") from None
         self.method.init_backbone(source.to(self.device), name)
@@ -455,12 +457,12 @@ class Trainer:
             raise ConfigError("no training data: give --data 'shards/{00000..00009}.tar', or set data.train "
                               "(or data.builtin: fractals | scenes | digits) in the recipe")
         backbone = method.backbone()
+        self.data_source = f"{source} (n={cfg.data.builtin_n})" if source.startswith("builtin:") else source
         if self.main:
             urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
         self._barrier()  # rank 0 generates built-in shards first
         if not self.main:
             urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
-        cfg.data.train = urls
         spec = method.data_spec()
         transform = spec.sample_transform(backbone)
 
@@ -538,16 +540,29 @@ def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], batch: dict
             method.train(was)
 
 
-def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] | None = None) -> dict[str, Path]:
+def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] | None = None,
+                    data: str | None = None) -> dict[str, Path]:
     """Publish every model the method exports for `output.publish`, each under its full name, with
     the final evals in the main model's card."""
     from zoo.hub import publish
 
     if not cfg.output.publish:
         return {}
+    out = {}
+    for name, export in checked_exports(method, cfg).items():
+        card = {"recipe": cfg.method.name, "data": data or cfg.data.train, "steps": steps, **export.card}
+        if name == cfg.output.publish and evals:
+            card["eval"] = evals
+        out[name] = publish(export.model, name, card, overwrite=True)
+    return out
+
+
+def checked_exports(method, cfg) -> dict[str, Export]:
+    """What the method exports for `output.publish`, every name checked (the engine checks them
+    before training too, so a bad name fails in seconds, not after the run)."""
     exports = {name: item if isinstance(item, Export) else Export(item)
                for name, item in method.export(cfg.output.publish).items()}
-    for name, export in exports.items():  # every name checked before any is published
+    for name, export in exports.items():
         arch = getattr(export.model, "zoo_arch", None)
         if arch is None:
             raise ConfigError(f"{type(method).__name__} exports {name!r}, but that model is not a zoo model; "
@@ -556,13 +571,7 @@ def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] 
             tag = cfg.output.publish.split(".", 1)[-1]
             raise ConfigError(f"{type(method).__name__} exports {name!r}, but that model is {arch}: "
                               f"a published name is 'ARCH.TAG' of its own arch; set output.publish to '{arch}.{tag}'")
-    out = {}
-    for name, export in exports.items():
-        card = {"recipe": cfg.method.name, "data": cfg.data.train, "steps": steps, **export.card}
-        if name == cfg.output.publish and evals:
-            card["eval"] = evals
-        out[name] = publish(export.model, name, card, overwrite=True)
-    return out
+    return exports
 
 
-__all__ = ["pretrain", "Trainer", "RunResult", "CheckpointError", "build_optimizer", "publish_exports"]
+__all__ = ["pretrain", "Trainer", "RunResult", "CheckpointError", "build_optimizer", "publish_exports", "checked_exports"]
