@@ -340,6 +340,8 @@ class DINO(Method):
         global_crops_scale: tuple[float, float] = (0.4, 1.0),
         local_crops_scale: tuple[float, float] = (0.05, 0.4),
         local_crops_size: int | None = None,  # default: about 3/7 of the input size, a multiple of the patch
+        blur: tuple[float, float, float] = (1.0, 0.1, 0.5),  # probabilities: first global, other globals, locals
+        solarize: tuple[float, float, float] = (0.0, 0.2, 0.0),
         student_temp: float = 0.1,
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
@@ -389,7 +391,7 @@ class DINO(Method):
         self.arch = arch
         self.n_global, self.n_local = int(n_global_crops), int(n_local_crops)
         self.crops = dict(global_scale=tuple(global_crops_scale), local_scale=tuple(local_crops_scale),
-                          local_size=local_crops_size)
+                          local_size=local_crops_size, blur=tuple(blur), solarize=tuple(solarize))
         self.student_temp, self.centering, self.center_momentum = student_temp, centering, center_momentum
         self.teacher_temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
         self.momentum_teacher, self.freeze_last_layer = momentum_teacher, freeze_last_layer
