@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import zoo
+from zoo.data.pipeline import dist_info
 from zoo.data.transforms import choose_caption, named_captions, train_transform
 from zoo.errors import ConfigError
 from zoo.models.clip import resolve_clip_arch
@@ -124,12 +125,6 @@ class CaptionSampler:
 
 
 # -- loss --------------------------------------------------------------------------------------
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def make_loss(kind: str, rank: int = 0, world_size: int = 1) -> nn.Module:
     """open_clip's loss: `ClipLoss` with local loss + gathering with gradients (open_clip's
     `--local-loss --gather-with-grad`), or `SigLipLoss` (ring exchange across ranks)."""
@@ -180,7 +175,7 @@ class CLIP(Method):
         bias = INIT_LOGIT_BIAS[loss] if init_logit_bias is None else float(init_logit_bias)
         inits = {"init_logit_scale": scale, **({"init_logit_bias": bias} if bias is not None else {})}
         self.model = zoo.create_model(self.arch.clip_arch, **inits)
-        self.loss_fn = make_loss(loss, *_dist_rank_world())  # the engine sets up torch.distributed first
+        self.loss_fn = make_loss(loss, *dist_info())  # the engine sets up torch.distributed first
 
     # -- the pure step ---------------------------------------------------------------------------
     def contrastive_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import zoo
+from zoo.data.pipeline import dist_info
 from zoo.data.transforms import MultiCrop
 from zoo.engine.ema import cosine_momentum, ema_copy, ema_update
 from zoo.errors import ConfigError
@@ -35,15 +36,9 @@ from zoo.schedule import Schedule
 
 
 # -- distributed helpers (no-ops in a single process) --------------------------------------------
-def _distributed() -> bool:
-    """True when a process group with more than one rank is running."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """All-reduce `t` in place across ranks when distributed; otherwise leave it as is."""
-    if _distributed():
+    if dist_info()[1] > 1:
         dist = torch.distributed
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
