@@ -150,15 +150,11 @@ class ShardStream(IterableDataset):
         yield report
 
     def _decoded(self, raws: Iterator[dict[str, Any]], report: WorkerReport) -> Iterator[dict[str, Any]]:
-        position: Counter = Counter()  # raw samples read per shard, skipped ones included: stable indices
         for raw in raws:
-            url = raw.get("__url__")
-            pos = position[url]
-            position[url] += 1
             try:
                 sample = decode_sample(raw, self.fields, self.optional_fields)
-                if self.offsets is not None:
-                    sample["__index__"] = self.offsets[url] + pos
+                if self.offsets is not None:  # shard offset + position in the shard (skipped samples count)
+                    sample["__index__"] = self.offsets[raw["__url__"]] + raw["__pos__"]
                 yield sample
             except FieldError as e:
                 report.skipped[e.reason] += 1

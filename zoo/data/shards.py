@@ -228,7 +228,7 @@ def _tar_samples(url: str, handler) -> Iterator[dict[str, Any]]:
 
 
 def iter_raw_samples(urls: Iterable[str], counts: Counter) -> Iterator[dict[str, Any]]:
-    """Samples as {__key__, __url__, ext: bytes} through webdataset's tar reader, shard by shard.
+    """Samples as {__key__, __url__, __pos__, ext: bytes} through webdataset's tar reader, shard by shard.
 
     Read errors are counted in `counts` by reason (one per broken shard) and reading goes on with
     the next shard; a shard that holds no sample and raised nothing counts as `empty_shard`."""
@@ -246,6 +246,7 @@ def iter_raw_samples(urls: Iterable[str], counts: Counter) -> Iterator[dict[str,
         truncated = looks_truncated(url)
         held = None  # in a truncated tar the last sample may be partial: hold it back, then drop it
         for sample in _tar_samples(url, handler):
+            sample["__pos__"] = n  # its position in the shard: stable sample indices
             n += 1
             if not truncated:
                 yield sample
