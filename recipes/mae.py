@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 import zoo
 from zoo.errors import ConfigError
@@ -38,18 +39,15 @@ DECODER_KEY_PREFIXES = ("decoder_", "mask_token")  # models_mae keys that belong
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels in a patch ordered
     (row, col, channel) with the channel last, as MAE's targets and `decoder_pred` outputs."""
-    b, c, h, w = imgs.shape
+    h, w = imgs.shape[-2:]
     if h % p or w % p:
         raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
-    gh, gw = h // p, w // p
-    x = imgs.reshape(b, c, gh, p, gw, p)
-    x = torch.einsum("bcipjq->bijpqc", x)
-    return x.reshape(b, gh * gw, p * p * c)
+    return rearrange(imgs, "b c (i p) (j q) -> b (i j) (p q c)", p=p, q=p)
 
 
 def unpatchify(x: torch.Tensor, p: int, C: int = 3, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Inverse of `patchify`: (B, N, p*p*C) -> (B, C, H, W). The grid is square unless given as (rows, cols)."""
-    b, n, d = x.shape
+    _, n, d = x.shape
     if d != p * p * C:
         raise ValueError(f"patch vectors have {d} values, expected p*p*C = {p * p * C}")
     if grid is None:
@@ -60,9 +58,7 @@ def unpatchify(x: torch.Tensor, p: int, C: int = 3, grid: tuple[int, int] | None
     gh, gw = grid
     if gh * gw != n:
         raise ValueError(f"grid {gh}x{gw} does not hold {n} patches")
-    x = x.reshape(b, gh, gw, p, p, C)
-    x = torch.einsum("bijpqc->bcipjq", x)
-    return x.reshape(b, C, gh * p, gw * p)
+    return rearrange(x, "b (i j) (p q c) -> b c (i p) (j q)", i=gh, j=gw, p=p, q=p, c=C)
 
 
 def random_masking(
