@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from zoo.schedule import warmup_cosine
 from zoo.errors import ZooError
 from zoo.eval.linear import heldout_split
+from zoo.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,6 @@ def extract_dense(
     """
     from zoo.data import loader
     from zoo.data.transforms import PairedTransform
-    from zoo.progress import progress_bar
 
     _check_dense_model(model)
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
@@ -150,7 +150,7 @@ def extract_dense(
             total = len(data)
         except TypeError:
             total = None
-        for batch in progress_bar(data, total=total, desc="dense features", unit="batch"):
+        for batch in progress(data, total=total, desc="dense features", unit="batch"):
             x, m = batch["image"], batch["mask"]
             if max_samples is not None:
                 x, m = x[: max_samples - n], m[: max_samples - n]
@@ -270,19 +270,23 @@ def _train_heads(
     opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.0)
     steps_per_epoch = max(1, math.ceil(len(idx) / batch_size))
     total, step = epochs * steps_per_epoch, 0
-    for _ in range(epochs):
-        order = idx[torch.randperm(len(idx), generator=g)]
-        for b in range(steps_per_epoch):
-            batch = order[b * batch_size : (b + 1) * batch_size]
-            x, y = feats[batch].float(), masks[batch].long()
-            z = heads[0][0](x)  # the normalisation is shared and frozen: apply it once
-            for group in opt.param_groups:
-                group["lr"] = warmup_cosine(step, total, group["base_lr"])
-            loss = sum(_seg_loss(h[1](z), y, ignore_index) for h in heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    with progress(total=total, desc=f"dense probe ({len(lrs)} heads)", unit="step") as bar:
+        for _ in range(epochs):
+            order = idx[torch.randperm(len(idx), generator=g)]
+            for b in range(steps_per_epoch):
+                batch = order[b * batch_size : (b + 1) * batch_size]
+                x, y = feats[batch].float(), masks[batch].long()
+                z = heads[0][0](x)  # the normalisation is shared and frozen: apply it once
+                for group in opt.param_groups:
+                    group["lr"] = warmup_cosine(step, total, group["base_lr"])
+                loss = sum(_seg_loss(h[1](z), y, ignore_index) for h in heads)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if bar.due():  # reading the loss syncs: only for a line that shows it
+                    bar.set_postfix(loss=f"{float(loss.detach()) / len(heads):.4f}")
+                bar.update(1)
     return heads
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from zoo.errors import ZooError
-from zoo.progress import progress_bar
+from zoo.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def extract_features(
         total = len(data)
     except TypeError:
         total = None
-    for batch in progress_bar(data, total=total, desc=desc, unit="batch"):
+    for batch in progress(data, total=total, desc=desc, unit="batch"):
         for v, f in pool(model, batch["image"], variants).items():
             feats[v].append(f.float().cpu())
         labels.append(batch["label"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from zoo.data.transforms import named_captions
 from zoo.errors import SampleError, ZooError
 from zoo.eval.zeroshot import _EvalMode, default_transform, encode_images, encode_texts, require_image_text
-from zoo.progress import progress_bar
+from zoo.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def encode_pairs(
     n_images = n_missing = 0
     has = None
     with _EvalMode(model):
-        for batch in progress_bar(data, total=total, desc=desc, unit="batch"):
+        for batch in progress(data, total=total, desc=desc, unit="batch"):
             n_missing += batch["missing"]
             has = has or batch["has"]
             if batch["image"] is None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.errors import ZooError
-from zoo.progress import progress_bar
+from zoo.progress import progress
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 Template = str | Callable[[str], str]
@@ -184,7 +184,7 @@ def zero_shot_eval(
     correct = dict.fromkeys(ks, 0)
     n = 0
     with _EvalMode(model):
-        for batch in progress_bar(data, total=total, desc=desc, unit="batch"):
+        for batch in progress(data, total=total, desc=desc, unit="batch"):
             labels = batch["label"].long()
             bad = labels[(labels < 0) | (labels >= len(classnames))]
             if len(bad):

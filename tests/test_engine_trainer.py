@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +135,59 @@ def test_tensorboard_events_hold_the_logged_metrics(fractal_shards, tmp_path):
     assert {"loss", "lr", "img_per_s"} <= set(events.Tags()["scalars"])
     logged = [(e.step, e.value) for e in events.Scalars("loss")]
     assert logged == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in res.metrics]
+
+
+def test_tensorboard_gets_the_methods_pictures_at_the_step_drawn(fractal_shards, tmp_path):
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = pretrain(recipe(fractal_shards, steps=2), run_dir=tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert "plots/reconstruction" in events.Tags()["images"]
+    [image] = events.Images("plots/reconstruction")
+    png = Image.open(tmp_path / "run" / "plots" / "reconstruction.png")
+    assert image.step == res.steps == 2 and (image.width, image.height) == png.size
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]  # the scalars are all still read alongside
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "zoo.progress"]
+
+
+def test_without_a_terminal_training_logs_progress_lines(fractal_shards, tmp_path, monkeypatch, caplog):
+    """Slurm, nohup, `| tee` or CI: no bar, but a line at the first step, every 30 s, and at the last."""
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("ZOO_PROGRESS_EVERY", raising=False)
+    caplog.set_level(logging.INFO, logger="zoo.progress")
+    rows = []
+    pretrain(recipe(fractal_shards, steps=4, log_every=3, plots=False, tensorboard=False), run_dir=tmp_path / "run",
+             on_step=lambda step, row: rows.append(row))
+    lines = progress_lines(caplog)
+    assert len(lines) == 2, lines  # a few seconds of training: the first step and the last
+    first = re.fullmatch(r"mae: step 1/4 \(25%\) loss=(\S+) lr=(\S+) img/s=\d+ \| \S+ (?:step/s|s/step), elapsed \S+, "
+                         r"ETA \d+:\d\d:\d\d", lines[0])
+    assert first, lines[0]
+    # the line shows that step's own values, though step 1 is not a log_every step
+    assert first.groups() == (f"{rows[0]['loss']:.4f}", f"{rows[0]['lr']:.2e}")
+    assert lines[1].startswith(f"mae: step 4/4 (100%) loss={rows[3]['loss']:.4f} ") and "done in" in lines[1]
+
+
+def test_on_a_terminal_training_shows_a_bar_not_lines(fractal_shards, tmp_path, monkeypatch, caplog):
+    tty = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    monkeypatch.delenv("CI", raising=False)
+    caplog.set_level(logging.INFO, logger="zoo.progress")
+    pretrain(recipe(fractal_shards, steps=2, plots=False, tensorboard=False), run_dir=tmp_path / "run")
+    assert not progress_lines(caplog)
+    assert "2/2" in tty.getvalue() and "loss=" in tty.getvalue()
 
 
 def test_layer_decay_scales_the_encoder_lr_by_depth(fractal_shards, tmp_path):

@@ -605,3 +605,68 @@ def test_open_clip_unknown_arch(home):
     with pytest.raises(UnknownNameError) as ei:
         zoo.load("open_clip:NotAClipModel-XYZ/openai")
     assert isinstance(ei.value, ZooError)
+
+
+# -- 11. free-form card fields ---------------------------------------------------------------------
+def test_card_free_form_fields_round_trip(home):
+    torch.manual_seed(3)
+    model = zoo.create_model(ARCH).eval()
+    extra = {"tags": ["mae", "fractals"], "notes": "CPU run", "paper": "arXiv:2111.06377", "date": "2024-05-01",
+             "width": 128, "lineage": {"teacher": "vit_tiny_patch4_32.dino", "stage": 2}}
+    path = zoo.publish(model, f"{ARCH}.freeform", {"recipe": "mae", "license": "MIT", **extra})
+    card = zoo.hub.read_card(f"{ARCH}.freeform")
+    for key, value in extra.items():
+        assert card[key] == value, key
+    assert card["license"] == "MIT" and card["provenance"]["recipe"] == "mae"
+    assert zoo.hub._safetensors_card(path / "model.safetensors")["lineage"] == extra["lineage"]
+    assert zoo.load(f"{ARCH}.freeform").zoo_card["tags"] == ["mae", "fractals"]
+    # the zoo fields stay as they were: a free-form field does not displace them
+    assert card["arch"] == ARCH and card["args"] == {} and card["eval"] == {}
+
+
+@pytest.mark.parametrize("card, match", [
+    ({"steps": "100"}, "'steps' must be int"),
+    ({"eval": [91.2]}, "'eval' must be dict"),
+    ({"description": 3}, "'description' must be str"),
+    ({"steps": True}, "'steps' must be int"),
+    ({"arch": "vit_base_patch16_224"}, "written by zoo"),
+    ({"model_args": {}}, "written by zoo"),
+    ({"licence": "MIT"}, "typo of 'license'"),
+    ({"evals": {}}, "typo of 'eval'"),
+    ({"tags": {1, 2}}, "JSON"),
+], ids=["steps-str", "eval-list", "description-int", "steps-bool", "arch", "model_args", "licence", "evals", "set"])
+def test_card_known_keys_keep_their_validation(home, card, match):
+    with pytest.raises(ConfigError, match=match):
+        zoo.publish(zoo.create_model(ARCH), f"{ARCH}.badcard", card)
+    assert not (home / "models" / f"{ARCH}.badcard").exists()
+
+
+# -- 12. zoo info PATH -----------------------------------------------------------------------------
+def test_info_accepts_folder_and_weights_file(published, tmp_path, capsys):
+    capsys.readouterr()
+    assert zoo.cli.main(["info", str(published.dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"name: {NAME}" in out and f"arch: {ARCH}" in out and "description: hub test" in out
+
+    assert zoo.cli.main(["info", str(published.weights), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["arch"] == ARCH and rec["file"] == str(published.weights) and rec["eval"]["digits"]["knn_top1"] == 91.25
+
+    bare = _save_sd(tmp_path / "bare.safetensors", safetensors.torch.load_file(published.weights))
+    assert zoo.cli.main(["info", str(bare), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["params"] == sum(p.numel() for p in published.model.parameters()) and "arch=" in rec["arch"]
+
+    assert zoo.cli.main(["info", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such" in capsys.readouterr().err
+
+
+def test_info_reads_a_timm_folder(tmp_path, capsys):
+    import timm
+
+    twin = timm.create_model("test_vit", pretrained=False, num_classes=2)
+    timm.models.save_for_hf(twin, tmp_path / "timm_folder", safe_serialization=True)
+    capsys.readouterr()
+    assert zoo.cli.main(["info", str(tmp_path / "timm_folder"), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["format"] == "timm" and rec["arch"] == "timm:test_vit" and rec["num_classes"] == 2

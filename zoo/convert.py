@@ -3,7 +3,8 @@
 `checkpoint_filter_fn`-style: foreign checkpoints (official MAE `models_mae.py`, official DINO
 training checkpoints and backbone releases, DDP-wrapped, timm) are unwrapped and their keys remapped
 into our modules; `load_checked` then refuses any dict that does not fit, naming the missing,
-unexpected and mis-shaped keys.
+unexpected and mis-shaped keys. The other way, `to_timm` and `timm_config` describe a zoo model as the
+timm model that loads its state dict unchanged.
 """
 
 from __future__ import annotations
@@ -153,3 +154,42 @@ def to_timm(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"to_timm exports zoo ViTs, got {type(model).__name__}")
     return timm_kwargs(model), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# The ViT timm builds a zoo ViT as when timm has no model of the zoo name: model_args set every shape.
+TIMM_VIT_FALLBACK = "vit_base_patch16_224"
+
+
+def timm_config(model: nn.Module) -> dict[str, Any] | None:
+    """The config.json fields timm's `local-dir:`/`hf-hub:` loader reads (architecture, num_classes, model_args,
+    pretrained_cfg additions) for a zoo model timm builds key for key; None for models timm cannot build."""
+    import json
+
+    import timm
+
+    from zoo.models.vit import VisionTransformer, timm_kwargs
+
+    arch = getattr(model, "zoo_arch", None)
+    if isinstance(model, VisionTransformer):
+        args = {k: v for k, v in timm_kwargs(model).items() if k not in ("norm_layer", "num_classes")}
+        # zoo ViTs take any input size (resampling the position embedding); the rest pins timm's defaults that
+        # zoo's ViT shares, whatever the named entrypoint sets
+        args.update(dynamic_img_size=True, no_embed_class=False, pre_norm=False, fc_norm=None, reg_tokens=0,
+                    qk_norm=False)
+        extra = {"first_conv": "patch_embed.proj", "classifier": "head"}
+        architecture = arch if arch and timm.is_model(arch) else TIMM_VIT_FALLBACK
+    elif arch and isinstance(model, timm.models.ResNet) and timm.is_model(arch):  # zoo's ResNets are timm's
+        args = {k: v for k, v in getattr(model, "zoo_args", {}).items() if k != "num_classes"}
+        extra = {k: model.pretrained_cfg[k] for k in ("first_conv", "classifier") if model.pretrained_cfg.get(k)}
+        architecture = arch
+    else:
+        return None
+    try:
+        json.dumps(args)
+    except TypeError:
+        log.info("%s: model arguments are not JSON, so timm cannot rebuild it from config.json", arch)
+        return None
+    fields = {"architecture": architecture, "num_classes": model.num_classes, "num_features": model.num_features}
+    if isinstance(model, VisionTransformer) and model.global_pool:
+        fields["global_pool"] = model.global_pool  # informational, as timm's own exports write it
+    return {**fields, "model_args": args, "pretrained_cfg": extra}

@@ -2,7 +2,9 @@
 
 `load(name)` resolves, in order: a model published in the zoo store (`$ZOO_HOME/models/NAME`),
 `hf-hub:org/repo`, `timm:NAME`, `open_clip:ARCH/TAG`, an `http(s)://...#sha256=HEX` URL, a known
-pretrained name from `WEIGHTS`, and a local directory or weights file. Weights are safetensors;
+pretrained name from `WEIGHTS`, and a local directory (a zoo folder, or one timm's `save_for_hf` wrote) or
+weights file. Published folders are readable by timm (`local-dir:`) and, for whole CLIP models, open_clip
+too: see `make_card` and `publish`. Weights are safetensors;
 pickles load only with `weights_only=True`; every remote file is checked against its sha256
 before use and a failed download leaves nothing behind.
 
@@ -14,6 +16,7 @@ architectures only and never imports this module.
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import hashlib
 import json
 import logging
@@ -34,8 +37,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from zoo.convert import fit_state_dict, load_checked, unwrap
+from zoo.convert import fit_state_dict, load_checked, timm_config, unwrap
 from zoo.errors import (
+    CheckpointMismatchError,
     ChecksumError,
     ConfigError,
     DownloadError,
@@ -45,6 +49,7 @@ from zoo.errors import (
 )
 from zoo import factory
 from zoo.factory import split_name
+from zoo.models.clip import open_clip_config
 from zoo.progress import progress_bar
 from zoo.registry import MODELS, Registry, close_matches
 
@@ -53,6 +58,8 @@ log = logging.getLogger(__name__)
 CARD_FORMAT = "zoo.model/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # what open_clip's local-dir:/hf-hub: loaders read
+OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9][A-Za-z0-9_\-]*)?$")
 
@@ -101,6 +108,20 @@ def pretrained_names(pattern: str | None = None) -> list[str]:
     return sorted(set(store_names(pattern)) | set(WEIGHTS.names(pattern)))
 
 
+def is_timm_config(cfg: Any) -> bool:
+    """Whether a parsed config.json is timm's (written by `timm.models.save_for_hf`) rather than a zoo card."""
+    return isinstance(cfg, dict) and "architecture" in cfg and "arch" not in cfg
+
+
+def read_config(folder: str | Path) -> Any:
+    """The parsed `config.json` of a folder, whatever wrote it."""
+    cfg_path = Path(folder) / CONFIG_FILE
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON ({e}); republish the model or fix the file") from None
+
+
 def read_card(name_or_dir: str | Path) -> dict[str, Any]:
     """The `config.json` card of a published model (a store name or a directory)."""
     path = Path(name_or_dir)
@@ -109,13 +130,38 @@ def read_card(name_or_dir: str | Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise UnknownNameError(_unknown_message(str(name_or_dir)))
-    try:
-        card = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_path} is not valid JSON ({e}); republish the model or fix the file") from None
+    card = read_config(path)
+    if is_timm_config(card):
+        raise ConfigError(f"{cfg_path} is timm's config (architecture {card['architecture']!r}), not a zoo card; "
+                          f"zoo.load({str(path)!r}) builds it with timm")
     if not isinstance(card, dict) or "arch" not in card:
         raise ConfigError(f"{cfg_path} has no 'arch' entry; it is not a zoo model card")
     return card
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What a published folder or a weights file says about itself (`zoo info PATH`): its zoo card, its timm
+    config, or for a bare weights file its tensors."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise ZooError(f"{path} has no {CONFIG_FILE}; it is not a published model folder")
+        cfg = read_config(path)
+        if is_timm_config(cfg):
+            return {"name": path.name, "format": "timm", "arch": f"timm:{cfg['architecture']}",
+                    "loads_with": f"zoo.load({str(path)!r}) or timm.create_model('local-dir:{path}')", **cfg}
+        return read_card(path)
+    if not path.is_file():
+        raise ZooError(f"no such file or folder: {path}")
+    card = _safetensors_card(path) if path.suffix == ".safetensors" else None
+    if card is None and path.suffix == ".safetensors" and (path.parent / CONFIG_FILE).is_file():
+        beside = read_config(path.parent)
+        card = beside if isinstance(beside, dict) and "arch" in beside else None
+    if card is not None:
+        return {"file": str(path), **card}
+    sd = read_state_dict(path)
+    return {"file": str(path), "tensors": len(sd), "params": sum(v.numel() for v in sd.values()),
+            "arch": f"unknown: pass arch=, e.g. zoo.load({str(path)!r}, arch='vit_base_patch16_224')"}
 
 
 # -- publish -------------------------------------------------------------------------------------
@@ -138,19 +184,53 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Card keys a caller may set (with their types), and keys zoo writes itself; any other key is free-form.
+CARD_FIELDS: dict[str, tuple[type, ...]] = {
+    "provenance": (dict,), "eval": (dict,), "description": (str,), "license": (str,),
+    "recipe": (str, type(None)), "data": (str, list, type(None)), "steps": (int, type(None)),
+}
+CARD_WRITTEN = ("format", "name", "arch", "args", "params", "pretrained_cfg", "weights_sha256",
+                "architecture", "num_classes", "num_features", "global_pool", "model_args")
+# pretrained_cfg entries a card keeps (all fields of timm's PretrainedCfg, which timm's loaders build from it).
+PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "num_classes",
+                       "first_conv", "classifier")
+
+
+def check_card_fields(card: dict[str, Any]) -> None:
+    """Refuse a known card key of the wrong type, a key zoo writes itself, a near-miss of a known key
+    (a typo), or a value JSON cannot hold; any other key passes through as free-form."""
+    for key, value in card.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"card keys must be non-empty strings, got {key!r}")
+        if key in CARD_FIELDS:
+            types = CARD_FIELDS[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ConfigError(f"card key {key!r} must be {want}, got {type(value).__name__} {value!r}")
+            continue
+        if key in CARD_WRITTEN:
+            raise ConfigError(f"card key {key!r} is written by zoo from the model itself; drop it from the card")
+        typo = difflib.get_close_matches(key, list(CARD_FIELDS), n=1, cutoff=0.8)
+        if typo:
+            raise ConfigError(f"card key {key!r} looks like a typo of {typo[0]!r}; use {typo[0]!r} "
+                              "(or another name for a free-form field)")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"card key {key!r} holds a {type(value).__name__}, which JSON cannot store; "
+                              "use strings, numbers, lists or dicts") from None
+
+
 def make_card(model: nn.Module, name: str, card: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config.json of a published model: architecture, preprocessing, provenance, eval results."""
+    """The config.json of a published model: architecture, preprocessing, provenance, eval results, free-form
+    fields, and the fields timm's loaders read where timm can build the model (`zoo.convert.timm_config`)."""
     card = dict(card or {})
     arch = getattr(model, "zoo_arch", None)
     if arch is None:
         raise ZooError(
             f"cannot publish a {type(model).__name__} that zoo did not build; create it with zoo.create_model(ARCH)"
         )
-    known = {"provenance", "eval", "description", "license", "recipe", "data", "steps"}
-    extra = sorted(set(card) - known)
-    if extra:
-        hint = close_matches(extra[0], sorted(known))
-        raise ConfigError(f"unknown card key {extra[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    check_card_fields(card)
     provenance = {
         "recipe": card.pop("recipe", None),
         "data": card.pop("data", None),
@@ -164,17 +244,19 @@ def make_card(model: nn.Module, name: str, card: dict[str, Any] | None = None) -
     provenance.setdefault("zoo_version", __version__)
     pcfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(getattr(model, "pretrained_cfg", {})).items()}
     pcfg["num_classes"] = getattr(model, "num_classes", pcfg.get("num_classes"))
-    keep = ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes")
+    timm_fields = timm_config(model) or {}
+    pcfg.update(timm_fields.pop("pretrained_cfg", {}))
     return {
         "format": CARD_FORMAT,
         "name": name,
         "arch": arch,
         "args": dict(getattr(model, "zoo_args", {})),
         "params": sum(p.numel() for p in model.parameters()),
-        "pretrained_cfg": {k: pcfg[k] for k in keep if k in pcfg},
+        "pretrained_cfg": {k: pcfg[k] for k in PRETRAINED_CFG_KEYS if k in pcfg},
         "provenance": provenance,
         "eval": card.pop("eval", {}),
         **card,
+        **timm_fields,
     }
 
 
@@ -199,6 +281,8 @@ def publish(
         safetensors.torch.save_file(sd, tmp / WEIGHTS_FILE, metadata={"zoo_card": json.dumps(meta)})
         meta["weights_sha256"] = _sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if (oc_cfg := open_clip_config(model)) is not None:
+            _write_open_clip_files(tmp, oc_cfg)
         if dest.exists():
             old = dest.with_name(f".{name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -212,6 +296,16 @@ def publish(
         raise
     log.info("published %s -> %s", name, dest)
     return dest
+
+
+def _write_open_clip_files(folder: Path, oc_cfg: dict[str, Any]) -> None:
+    """open_clip_config.json, and the weights under open_clip's Hub file name as a hard link to model.safetensors
+    (open_clip's `hf-hub:` loader asks for that name; its `local-dir:` one would take model.safetensors too)."""
+    (folder / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(oc_cfg, indent=2) + "\n")
+    try:
+        os.link(folder / WEIGHTS_FILE, folder / OPEN_CLIP_WEIGHTS_FILE)
+    except OSError:  # a filesystem without hard links: a copy, same bytes
+        shutil.copyfile(folder / WEIGHTS_FILE, folder / OPEN_CLIP_WEIGHTS_FILE)
 
 
 def record_eval(name: str, task: str, results: dict[str, Any]) -> Path:
@@ -371,7 +465,16 @@ def _finish(model: nn.Module, card: dict[str, Any] | None, source: str) -> nn.Mo
     return model.eval()
 
 
-def _load_dir(path: Path, overrides: dict[str, Any], strict: bool) -> nn.Module:
+def _load_dir(path: Path, overrides: dict[str, Any], strict: bool, arch: str | None = None) -> nn.Module:
+    if not (path / CONFIG_FILE).is_file():
+        raise UnknownNameError(_unknown_message(str(path)))
+    if is_timm_config(cfg := read_config(path)):
+        if arch is not None:  # the weights into a zoo architecture, as for a bare file
+            weights = next((path / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (path / f).is_file()), None)
+            if weights is None:
+                raise ZooError(f"{path} has a timm {CONFIG_FILE} but neither {WEIGHTS_FILE} nor pytorch_model.bin")
+            return _load_file(weights, arch, overrides, strict)
+        return _load_timm_dir(path, cfg, overrides, strict)
     card = read_card(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -385,12 +488,60 @@ def _load_dir(path: Path, overrides: dict[str, Any], strict: bool) -> nn.Module:
     return _finish(model, card, str(path))
 
 
+def _load_timm_dir(path: Path, cfg: dict[str, Any], overrides: dict[str, Any], strict: bool) -> nn.Module:
+    """A folder written by `timm.models.save_for_hf`, built by timm itself (its architecture, model_args,
+    pretrained_cfg and weights file), so it behaves exactly as timm saved it."""
+    import timm
+
+    name = cfg["architecture"]
+    if not timm.is_model(name):
+        raise ConfigError(f"{path / CONFIG_FILE} names timm architecture {name!r}, which timm {timm.__version__} "
+                          "does not have; upgrade timm")
+    extra = {} if strict else {"pretrained_strict": False}
+    try:
+        model = timm.create_model(f"local-dir:{path}", pretrained=True, **extra, **overrides)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(f"{path}: its weights need arbitrary Python objects to unpickle, so they were "
+                                    "not loaded; save them as model.safetensors") from None
+    except RuntimeError as e:  # timm's words for missing or mismatched weights
+        hint = ", or pass strict=False to skip missing keys" if strict else ""
+        raise CheckpointMismatchError(f"timm could not load the weights in {path} into {name} ({_first_line(e)}); "
+                                      f"check the folder's weights and {CONFIG_FILE}{hint}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"timm could not build {name} from {path / CONFIG_FILE} ({_first_line(e)}); check its "
+                          "model_args and the keyword arguments passed to zoo.load") from None
+    return _finish(model, {**cfg, "arch": f"timm:{name}"}, str(path))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _card_beside(path: Path, arch: str | None) -> dict[str, Any] | None:
+    """The zoo card in the config.json next to a weights file; a foreign config there is ignored when
+    `arch=` says what the weights are, and refused when nothing does."""
+    if not (path.parent / CONFIG_FILE).is_file():
+        return None
+    try:
+        cfg = read_config(path.parent)
+    except ConfigError:
+        if arch is not None:
+            return None
+        raise
+    if isinstance(cfg, dict) and "arch" in cfg:
+        return cfg
+    if arch is not None:
+        return None
+    how = f", or load the folder with zoo.load({str(path.parent)!r}) (timm builds it)" if is_timm_config(cfg) else ""
+    raise ConfigError(f"{path} sits beside a {CONFIG_FILE} that is not a zoo card; pass arch=..., e.g. "
+                      f"zoo.load({str(path)!r}, arch='vit_base_patch16_224'){how}")
+
+
 def _load_file(path: Path, arch: str | None, overrides: dict[str, Any], strict: bool) -> nn.Module:
     card = None
     if path.suffix == ".safetensors":
-        card = _safetensors_card(path)
-        if card is None and (path.parent / CONFIG_FILE).is_file():
-            card = read_card(path.parent)
+        card = _safetensors_card(path) or _card_beside(path, arch)
     elif path.suffix not in PICKLE_SUFFIXES:
         raise ZooError(f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
     if arch is not None:
@@ -465,11 +616,12 @@ def _load_open_clip(name: str, overrides: dict[str, Any]) -> nn.Module:
 def load(name: str | os.PathLike, *, arch: str | None = None, strict: bool = True, sha256: str | None = None, **kwargs: Any) -> nn.Module:
     """A pretrained model by name, path, pinned URL, `hf-hub:`, `timm:` or `open_clip:` id, in eval mode.
 
-    `arch=` names the architecture of a bare weights file; other keyword arguments override the
+    `arch=` names the architecture of a bare weights file (or of a folder timm wrote, to load its weights
+    into a zoo architecture; without it timm builds that folder); other keyword arguments override the
     architecture's (e.g. `num_classes=10`, `global_pool='avg'`).
     """
     name = os.fspath(name)
-    if not name.startswith(("hf-hub:", "timm:", "open_clip:", "http://", "https://")) and (store_dir() / name / CONFIG_FILE).is_file():
+    if NAME_RE.match(name) and (store_dir() / name / CONFIG_FILE).is_file():  # a store name, never a path
         return _load_dir(store_dir() / name, kwargs, strict)
     if name.startswith("hf-hub:"):
         return _load_hf(name.removeprefix("hf-hub:"), kwargs, strict)
@@ -485,7 +637,7 @@ def load(name: str | os.PathLike, *, arch: str | None = None, strict: bool = Tru
         return WEIGHTS.build(name, strict=strict, **extra, **kwargs)
     path = Path(name).expanduser()
     if path.is_dir():
-        return _load_dir(path, kwargs, strict)
+        return _load_dir(path, kwargs, strict, arch)
     if path.is_file():
         return _load_file(path, arch, kwargs, strict)
     raise UnknownNameError(_unknown_message(name))

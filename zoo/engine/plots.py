@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
 DPI = 100
@@ -48,6 +49,18 @@ def save(fig: Figure, path: str | Path) -> Path:
     finally:
         fig.clear()
     return path
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def image_pixels(path: str | Path) -> np.ndarray:
+    """A saved picture as an (H, W, 3) uint8 array, e.g. for TensorBoard's `add_image(..., dataformats="HWC")`."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def _finite(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:

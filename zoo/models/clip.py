@@ -11,7 +11,8 @@ Each config gives two architectures (`CLIP_ARCHS`):
 - `clip_*`, the whole model: open_clip's `CLIP` (encode_image, encode_text, logit_scale and, for
   SigLIP, logit_bias) whose `visual` is that tower, plus `tokenizer` (open_clip's, for the config)
   and `pretrained_cfg`, so zero-shot and retrieval (`zoo.eval`) run on it. Its state dict is
-  open_clip's, key for key.
+  open_clip's, key for key, so a published one carries an `open_clip_config.json` (`open_clip_config`)
+  and open_clip loads it as its own.
 
 open_clip is imported only when a model is built (importing it takes seconds), never with zoo.
 """
@@ -275,6 +276,25 @@ def _clip_factory(arch: ClipArch) -> Callable[..., nn.Module]:
     return build
 
 
+def open_clip_config(model: nn.Module) -> dict[str, Any] | None:
+    """The `open_clip_config.json` of a whole zoo CLIP model (`model_cfg` + `preprocess_cfg`), which lets
+    open_clip's `local-dir:`/`hf-hub:` loaders build it without zoo; None for any other model."""
+    arch = next((a for a in CLIP_ARCHS if a.clip_arch == getattr(model, "zoo_arch", None)), None)
+    if arch is None:
+        return None
+    model_cfg = _open_clip().get_model_config(arch.config)
+    model_cfg.update({k: v for k, v in getattr(model, "zoo_args", {}).items() if v is not None})  # init_logit_*
+    pcfg, visual = model.pretrained_cfg, model.visual
+    preprocess = {
+        "size": list(visual.image_size),
+        "mean": list(pcfg["mean"]),
+        "std": list(pcfg["std"]),
+        "interpolation": pcfg.get("interpolation", "bicubic"),
+        "resize_mode": visual.preprocess_cfg.get("resize_mode", "shortest"),
+    }
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+
+
 def resolve_clip_arch(name: str) -> ClipArch:
     """The CLIP architecture named by its whole-model arch, its image-tower arch or its open_clip config."""
     for arch in CLIP_ARCHS:
@@ -294,4 +314,5 @@ for _arch in CLIP_ARCHS:
     MODELS.register(_arch.clip_arch, _clip_factory(_arch), family="clip", modality="image-text",
                     open_clip_config=_arch.config, image_arch=_arch.image_arch, defaults={})
 
-__all__ = ["CLIP_ARCHS", "ClipArch", "ClipImageTower", "clip_tokenizer", "create_open_clip", "resolve_clip_arch"]
+__all__ = ["CLIP_ARCHS", "ClipArch", "ClipImageTower", "clip_tokenizer", "create_open_clip", "open_clip_config",
+           "resolve_clip_arch"]

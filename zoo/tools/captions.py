@@ -37,7 +37,7 @@ from zoo.data.fields import FieldError, decode_field, field_of
 from zoo.data.shards import REMOTE_PREFIXES, decode_sample, expand_sources, iter_raw_samples, known_size, write_shards
 from zoo.data.transforms import named_captions
 from zoo.errors import DownloadError, UnknownNameError, ZooError
-from zoo.progress import progress_bar
+from zoo.progress import progress
 from zoo.registry import Registry, close_matches
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _raw_samples(urls: list[str], counts: Counter, desc: str | None) -> Iterator
     None (when `write_shards` shows one)."""
     if desc is None:
         return iter_raw_samples(urls, counts)
-    return progress_bar(iter_raw_samples(urls, counts), total=known_size(urls), desc=desc, unit="img")
+    return progress(iter_raw_samples(urls, counts), total=known_size(urls), desc=desc, unit="img")
 
 
 def _what_it_has(sample: Mapping[str, Any]) -> str:
