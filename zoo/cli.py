@@ -74,15 +74,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def info_record(name: str) -> dict[str, Any]:
-    """What `zoo info` shows: the card of a published model, or an architecture's definition."""
+    """What `zoo info` shows: the card of a published model (by name, folder or weights file; a timm folder's
+    config), or an architecture's definition."""
     from zoo.factory import count_params, split_name
-    from zoo.hub import CONFIG_FILE, WEIGHTS, read_card, store_dir
+    from zoo.hub import CONFIG_FILE, NAME_RE, WEIGHTS, describe, read_card, store_dir
     from zoo.registry import MODELS
 
-    if (store_dir() / name / CONFIG_FILE).is_file() or (Path(name) / CONFIG_FILE).is_file():
+    if NAME_RE.match(name) and (store_dir() / name / CONFIG_FILE).is_file():
         return read_card(name)
     if name in WEIGHTS:
         return {"name": name, **WEIGHTS.get(name).meta}
+    if Path(name).expanduser().exists():
+        return describe(Path(name).expanduser())
+    if "/" in name or name.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt")):
+        raise ZooError(f"no such model folder or weights file: {name}")
     arch, _ = split_name(name)
     entry = MODELS.get(arch)  # raises with suggestions
     import torch
@@ -184,50 +189,87 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_make_builtin(args: argparse.Namespace) -> int:
+    from itertools import chain
+
     from zoo.data.builtin import generate
     from zoo.data.shards import write_shards
     from zoo.registry import DATASETS
 
+    for flag, value in (("--n", args.n), ("--maxcount", args.maxcount)):
+        if value < 1:
+            what = "samples per shard" if flag == "--maxcount" else "samples"
+            raise ZooError(f"{flag} {value}: give a positive number of {what}, e.g. {flag} 1000")
     meta = DATASETS.get(args.name).meta
     n = min(args.n, meta.get("max_samples", {}).get(args.split, args.n))
     info = {"name": args.name, "split": args.split, "seed": args.seed, "size": args.size,
             "num_classes": meta.get("num_classes"), "source": "zoo.data.builtin"}
     if meta.get("classes"):
         info["classes"] = list(meta["classes"])
-    shards = write_shards(generate(args.name, n, seed=args.seed, size=args.size, split=args.split), args.out,
-                          maxcount=args.maxcount, total=n, info=info, desc=f"{args.name}/{args.split}")
+    try:  # the dataset checks seed and size (when called or at its first sample)
+        samples = iter(generate(args.name, n, seed=args.seed, size=args.size, split=args.split))
+        first = next(samples)
+    except ValueError as e:
+        raise ZooError(f"{e}; fix --seed or --size") from None
+    shards = write_shards(chain([first], samples), args.out, maxcount=args.maxcount, total=n, info=info,
+                          desc=f"{args.name}/{args.split}")
     print(f"wrote {n} {args.name} samples in {len(shards)} shard(s) to {args.out}/{{00000..{len(shards) - 1:05d}}}.tar")
     return 0
 
 
 def cmd_shards_from_folder(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from zoo.data.shards import folder_samples, write_shards
 
-    classes, samples, n = folder_samples(args.src)
+    skipped: Counter = Counter()
+    classes, samples, n = folder_samples(args.src, skip_hidden=args.skip_hidden, other_as_png=args.other_as_png,
+                                         skipped=skipped)
     info = {"name": Path(args.src).name, "classes": classes, "num_classes": len(classes), "source": str(args.src)}
     shards = write_shards(samples, args.out, maxcount=args.maxcount, total=n, info=info, desc="from-folder")
-    print(f"wrote {n} samples of {len(classes)} classes in {len(shards)} shard(s) to {args.out}")
+    written = n - skipped["unreadable_image"]
+    print(f"wrote {written} samples of {len(classes)} classes in {len(shards)} shard(s) to {args.out}")
+    if skipped:
+        print("skipped: " + ", ".join(f"{k} {r}" for r, k in skipped.most_common()))
     return 0
 
 
 def cmd_shards_check(args: argparse.Namespace) -> int:
-    from zoo.data.shards import check_shards
+    from zoo.data.shards import LOST_REASONS, REMOTE_PREFIXES, check_shards, counts_samples
 
     rows = check_shards(args.pattern)
-    table = [
-        {"shard": r["shard"], "samples": r["samples"],
-         "fields": ",".join(r["fields"]) or "-",
-         "skipped": ", ".join(f"{n} {k}" for k, n in r["skipped"].items()) or "-"}
-        for r in rows
-    ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(table, ["shard", "samples", "fields", "skipped"])
+        folders = {str(Path(r["shard"]).parent) for r in rows}
+        local = not any(r["shard"].startswith(REMOTE_PREFIXES) for r in rows)
+        short = local and len(folders) == 1  # one folder: name it once, list the shards by file name
+
+        def order(reason: str) -> tuple[int, str]:  # lost samples first, then undecodable, then shard-level
+            return (0 if reason in LOST_REASONS else 1 if counts_samples(reason) else 2), reason
+
+        def status(r: dict[str, Any]) -> str:
+            if r["mismatch"]:
+                return f"MISMATCH: read {r['read']} + lost {r['lost']}"
+            return "damaged" if r["lost"] else "problems" if r["skipped"] else "ok"
+
+        table = [
+            {"shard": Path(r["shard"]).name if short else r["shard"], "samples": r["samples"], "lost": r["lost"],
+             "recorded": "-" if r["recorded"] is None else r["recorded"], "status": status(r),
+             "fields": ",".join(r["fields"]) or "-",
+             "skipped": ", ".join(f"{r['skipped'][k]} {k}" for k in sorted(r["skipped"], key=order)) or "-"}
+            for r in rows
+        ]
+        if short:
+            print(f"shards in {folders.pop()}/")
+        print_table(table, ["shard", "samples", "lost", "recorded", "status", "fields", "skipped"])
     bad = sum(sum(r["skipped"].values()) for r in rows)
     total = sum(r["samples"] for r in rows)
-    print(f"{len(rows)} shard(s), {total} good sample(s), {bad} problem(s)", file=sys.stderr)
-    return 1 if bad else 0
+    lost = sum(r["lost"] for r in rows)
+    mismatched = sum(r["mismatch"] for r in rows)
+    print(f"{len(rows)} shard(s), {total} good sample(s), {lost} lost, {bad} problem(s)"
+          + (f", {mismatched} shard(s) whose counts do not add up to their recorded size" if mismatched else ""),
+          file=sys.stderr)
+    return 1 if bad or mismatched else 0
 
 
 def _model_for_eval(name: str, random_weights: bool = False):
@@ -564,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("info", help="show a model's architecture, preprocessing and card")
-    s.add_argument("name", nargs="?", help="a published name, a model directory, or an architecture")
+    s.add_argument("name", nargs="?", help="a published name, a model folder (zoo's or timm's), a weights file "
+                                           "(.safetensors, .pth), or an architecture")
     s.add_argument("--kernels", action="store_true", help="show which attention backends and kernels run here, and why not")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_info)
@@ -663,10 +706,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
     s.set_defaults(fn=cmd_shards_make_builtin)
-    s = sh.add_parser("from-folder", help="shards from ROOT/CLASS/IMAGE folders (+ same-named .txt captions)")
-    s.add_argument("src", help="root folder with one sub-folder per class")
+    s = sh.add_parser("from-folder", help="shards from ROOT/CLASS/IMAGE folders, as torchvision's ImageFolder reads "
+                                          "them (+ same-named .txt captions)")
+    s.add_argument("src", help="root folder with one sub-folder per class (images found recursively)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    s.add_argument("--skip-hidden", action="store_true",
+                   help="leave out folders and files named .* (ImageFolder keeps them: labels then differ)")
+    s.add_argument("--other-as-png", action="store_true",
+                   help="store bmp/ppm/pgm/tif images as lossless PNG, for readers that look only for jpg/png/webp")
     s.set_defaults(fn=cmd_shards_from_folder)
     s = sh.add_parser("check", help="decode every sample; per-shard counts, fields and problems")
     s.add_argument("pattern", help="shards: 'dir/{00000..00009}.tar' or 'dir/*.tar'")

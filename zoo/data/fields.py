@@ -1,7 +1,7 @@
 """The one mapping between a webdataset sample's file extensions and zoo's field names.
 
-Reading: `jpg|jpeg|png|webp` -> `image`, `cls` -> `label`, `txt` -> `caption`, `json` -> `meta`,
-`seg.png` -> `mask`, `npy` -> `array`, and a named modality `NAME.png|jpg|npy|pth|txt` -> `NAME`
+Reading: `jpg|jpeg|png|webp` (and `ppm|pgm|bmp|tif|tiff`, as torchvision's ImageFolder) -> `image`,
+`cls` -> `label`, `txt` -> `caption`, `json` -> `meta`, `seg.png` -> `mask`, `npy` -> `array`, and a named modality `NAME.png|jpg|npy|pth|txt` -> `NAME`
 (e.g. `thermal.png` -> `thermal`, a 1-channel image; `emb.pth` -> `emb`, read with `weights_only=True`). Writing uses the same table backwards, so shards we write read
 back field for field (and plain webdataset / img2dataset / timm / open_clip tools read them).
 """
@@ -14,7 +14,7 @@ import json
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 FIXED: dict[str, str] = {"cls": "label", "txt": "caption", "json": "meta", "seg.png": "mask", "npy": "array"}
 FIXED.update({ext: "image" for ext in IMAGE_EXTS})
 # What a field is written as when it has no extension of its own.
@@ -60,7 +60,8 @@ class FieldError(ValueError):
         self.reason = reason
 
 
-_PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",)}
+_PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",), "ppm": ("PPM",),
+                "pgm": ("PPM",), "bmp": ("BMP",), "tif": ("TIFF",), "tiff": ("TIFF",)}
 
 
 def _image(data: bytes, mode: str | None, ext: str = ""):
@@ -125,7 +126,7 @@ def encode_field(field: str, value, *, image_format: str = "jpg", quality: int =
         value = Image.fromarray(value.astype(np.uint8))
     if isinstance(value, Image.Image):
         buf = io.BytesIO()
-        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext.rsplit(".", 1)[-1]]
+        fmt = _PIL_FORMATS[ext.rsplit(".", 1)[-1]][0]
         value.save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
         return ext, buf.getvalue()
     if isinstance(value, np.ndarray):

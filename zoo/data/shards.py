@@ -1,23 +1,29 @@
-"""Shard lists, sizes, writing and checking.
+"""Shard lists, sizes, reading, writing and checking.
 
 Patterns: brace expansion (`train-{000..015}.tar`), shell globs for local files (`/data/*.tar`), and
 `::` to join several sources (`a/{0..9}.tar::b/{0..3}.tar`). We write img2dataset-compatible
-shards: `%05d.tar` names, 9-digit keys, and an open_clip `sizes.json` beside them.
+shards: `%05d.tar` names, 9-digit keys, and beside them the counts each reader looks for (open_clip
+`sizes.json`, timm `_info.json`, a wids `shardindex.json`). The reader survives damaged tars: it
+resumes at the next valid header and counts what was lost (see `iter_raw_samples`).
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import re
 import tarfile
 import time
 from collections import Counter
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import braceexpand
 
@@ -60,35 +66,70 @@ def expand_sources(pattern: str | list[str]) -> list[list[str]]:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+_FOLDER_SIZES: dict[Path, tuple[tuple, dict[str, int]]] = {}
+
+
+def _folder_sizes(folder: Path) -> dict[str, int]:
+    """Shard name -> recorded count from a folder's sizes.json (first) and _info.json, cached until either changes."""
+    stamp = (_stamp(folder / "sizes.json"), _stamp(folder / "_info.json"))
+    hit = _FOLDER_SIZES.get(folder)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    table: dict[str, int] = {}
+    info = _read_json(folder / "_info.json") if stamp[1] else None
+    if isinstance(info, dict) and isinstance(info.get("splits"), dict):
+        for split in info["splits"].values():
+            if isinstance(split, dict):
+                for name, n in zip(split.get("filenames") or (), split.get("shard_lengths") or ()):
+                    if _int_or_none(n) is not None:
+                        table[Path(str(name)).name] = int(n)
+    sizes = _read_json(folder / "sizes.json") if stamp[0] else None
+    if isinstance(sizes, dict):
+        table.update({str(k): int(v) for k, v in sizes.items() if _int_or_none(v) is not None})
+    _FOLDER_SIZES[folder] = (stamp, table)
+    return table
+
+
+def recorded_size(url: str) -> int | None:
+    """The sample count recorded beside one local shard: open_clip `sizes.json`, timm `_info.json` or
+    img2dataset `NNNNN_stats.json`, in that order; None when there is none (or the shard is remote)."""
+    if url.startswith(REMOTE_PREFIXES):
+        return None
+    path = Path(url)
+    n = _folder_sizes(path.parent).get(path.name)
+    if n is None:
+        stats = _read_json(path.parent / (path.name.removesuffix(".tar") + "_stats.json"))
+        if isinstance(stats, dict):
+            n = _int_or_none(stats.get("successes"))
+    return n
 
 
 def shard_sizes(urls: list[str]) -> list[int] | None:
-    """Sample count of each shard from metadata beside them: timm `_info.json`, open_clip
-    `sizes.json`, or img2dataset `NNNNN_stats.json`; None when none covers every shard."""
-    dirs = {Path(u).parent for u in urls if not u.startswith(REMOTE_PREFIXES)}
-    if len(dirs) != 1:
+    """Sample count of each shard from metadata beside them (see `recorded_size`); None unless the
+    shards share one folder and every one of them has a count."""
+    if len({Path(u).parent for u in urls}) != 1:
         return None
-    folder = dirs.pop()
-    names = [Path(u).name for u in urls]
-    sizes = _read_json(folder / "sizes.json")
-    if isinstance(sizes, dict) and all(n in sizes for n in names):
-        return [int(sizes[n]) for n in names]
-    info = _read_json(folder / "_info.json")
-    if isinstance(info, dict):
-        for split in (info.get("splits") or {}).values():
-            files, lengths = split.get("filenames"), split.get("shard_lengths")
-            if files and lengths and all(n in files for n in names):
-                table = dict(zip(files, lengths))
-                return [int(table[n]) for n in names]
-    out = []
-    for n in names:
-        stats = _read_json(folder / (n.removesuffix(".tar") + "_stats.json"))
-        if not isinstance(stats, dict) or "successes" not in stats:
-            return None
-        out.append(int(stats["successes"]))
-    return out
+    sizes = [recorded_size(u) for u in urls]
+    return None if any(n is None for n in sizes) else sizes
 
 
 def known_size(urls: list[str]) -> int | None:
@@ -116,6 +157,24 @@ def dataset_size(pattern: str | list[str], scan: bool = False) -> int | None:
 
 
 # -- reading -------------------------------------------------------------------------------------
+# Skip reasons for samples lost to damage in the tar itself (decoding adds reasons per field):
+#   damaged_sample    a sample next to a damaged stretch with fewer members than its intact neighbour: dropped
+#   truncated_sample  the sample cut by a truncation (without a recorded size: one per cut shard)
+#   lost_in_damage    whole samples inside damaged stretches: exact with a recorded size, else one per stretch
+#                     that dropped no sample (an estimate: the true number is unknown)
+#   missing_samples   an intact-looking shard that holds fewer samples than its recorded size
+LOST_REASONS = ("damaged_sample", "truncated_sample", "lost_in_damage", "missing_samples")
+# Reasons counted once per shard (or per member), not per sample.
+SHARD_REASONS = frozenset(
+    {"bad_tar", "trailing_garbage", "empty_shard", "missing_shard", "unreadable_shard", "duplicate_member"}
+)
+
+
+def counts_samples(reason: str) -> bool:
+    """Whether a skip reason counts samples (lost or undecodable) rather than shards."""
+    return reason not in SHARD_REASONS and not reason.startswith("error_")
+
+
 def classify_exception(exn: BaseException) -> str:
     """The skip-counter reason for an exception raised while reading a shard."""
     if isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end of data" in str(exn):
@@ -129,25 +188,30 @@ def classify_exception(exn: BaseException) -> str:
     return f"error_{type(exn).__name__}"
 
 
-def looks_truncated(url: str) -> bool:
-    """Whether a local tar lacks its end: tar files are whole 512-byte blocks closed by zero blocks,
-    and Python's stream reader stops silently at a cut, so this is checked up front."""
-    if url.startswith(REMOTE_PREFIXES):
-        return False
-    try:
-        size = os.path.getsize(url)
-        if size == 0:
-            return False  # an empty file: webdataset's reader reports it
-        if size % 512:
-            return True
-        with open(url, "rb") as f:
-            f.seek(max(size - 1024, 0))
-            return any(f.read())
-    except OSError:
-        return False
-
-
 _WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members (e.g. __index__)
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")
+_TYPES = frozenset(bytes([c]) for c in b"01234567gxLKSVMN\0")
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+class Member(NamedTuple):
+    """A regular tar member: its name, its bytes (None in a header-only scan), its header's offset."""
+
+    name: str
+    data: bytes | None
+    offset: int
+
+
+class Damage(NamedTuple):
+    """A damaged stretch [begin, end) of a tar: `bad_header`, `early_end` (zero blocks, then members), `bad_end`
+    (a damaged end marker), `truncated` (`name`: the member cut, if known), `trailing_garbage`, `empty` (0 bytes)."""
+
+    kind: str
+    begin: int
+    end: int
+    name: str | None = None
 
 
 def _octal(field: bytes) -> int:
@@ -157,111 +221,496 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def local_tar_members(path: str) -> Iterator[dict[str, Any]]:
-    """Regular members of a local uncompressed tar as {fname, data, __url__}, read through mmap.
+def _header(block: bytes) -> tuple[str, int, bytes] | None:
+    """(name, size, type flag) of a valid header block, else None: octal fields that parse, the POSIX
+    checksum right, a known type and a name."""
+    # Signed checksums, which a few ancient tars wrote, are refused: random bytes over a header's zero
+    # fields match them about once in 2500 tries.
+    try:
+        stored = _octal(block[148:156])
+        size = _octal(block[124:136])
+    except ValueError:  # a damaged octal field
+        return None
+    if stored != sum(block) - sum(block[148:156]) + 256:  # the checksum field counts as spaces
+        return None
+    kind = block[156:157]
+    if size < 0 or kind not in _TYPES or not block[0]:
+        return None
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if block[257:262] == b"ustar" and kind not in (b"L", b"K"):
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+    return name, size, kind
 
-    The same members, in the same order, as webdataset's reader yields, several times faster on
-    small files (Python's tarfile parses each header field by field). ustar, GNU long names and
-    pax `path` records are understood; a bad header checksum or a cut member raises tarfile.ReadError."""
+
+class _MapSource:
+    """Forward reads from a memory-mapped local file: one copy per member, skips are free."""
+
+    def __init__(self, buf: Any, size: int):
+        self.buf, self.size, self.pos, self.error = buf, size, 0, None
+
+    def read(self, n: int, pad: int = 0) -> bytes:
+        """`n` bytes (fewer at the end of the file), then `pad` more skipped."""
+        start = self.pos
+        end = start + n
+        if end > self.size:
+            end = self.size
+        self.pos = end + pad if end + pad < self.size else self.size
+        return self.buf[start:end]
+
+    def skip(self, n: int) -> int:
+        start = self.pos
+        self.pos = min(start + n, self.size)
+        return self.pos - start
+
+
+class _StreamSource:
+    """Forward reads from a file object (a remote or compressed shard). A read error ends the stream
+    early, so it reads as a truncation, and is kept in `error` to be counted."""
+
+    def __init__(self, f: Any, head: bytes = b""):
+        self.f, self.head, self.pos, self.error = f, head, 0, None
+
+    def read(self, n: int, pad: int = 0) -> bytes:
+        """`n` bytes (fewer at the end of the stream), then `pad` more skipped."""
+        parts, want = [], n
+        if self.head:
+            parts.append(self.head[:want])
+            self.head = self.head[want:]
+            want -= len(parts[0])
+        while want > 0 and self.error is None:
+            try:
+                chunk = self.f.read(want)
+            except Exception as exn:  # network, decompression or pipe status: the rest is unreadable
+                self.error = exn
+                break
+            if not chunk:
+                break
+            parts.append(chunk)
+            want -= len(chunk)
+        data = b"".join(parts)
+        self.pos += len(data)
+        if pad and len(data) == n:
+            self.skip(pad)
+        return data
+
+    def skip(self, n: int) -> int:
+        done = 0
+        while done < n:
+            got = len(self.read(min(n - done, 1 << 20)))
+            if not got:
+                break
+            done += got
+        return done
+
+
+class _Chained(io.RawIOBase):
+    """A file object that replays bytes already read from a stream, then reads on."""
+
+    def __init__(self, head: bytes, f: Any):
+        self.head, self.f = head, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.head[: len(b)] if self.head else self.f.read(len(b))
+        self.head = self.head[len(data) :]
+        b[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(head: bytes, f: Any) -> Any | None:
+    """A decompressing reader when the stream starts with a gzip, bz2 or xz signature, else None."""
+    for magic, module in _COMPRESSED:
+        if head.startswith(magic):
+            raw = io.BufferedReader(_Chained(head, f))
+            if module == "gzip":
+                return gzip.GzipFile(fileobj=raw)
+            if module == "bz2":
+                return bz2.BZ2File(raw)
+            return lzma.LZMAFile(raw)
+    return None
+
+
+@contextmanager
+def _open_tar(url: str) -> Iterator[_MapSource | _StreamSource]:
+    """A forward reader over one shard: mmap for a local tar, a stream (webdataset's gopen for remote
+    URLs), decompressed when gzip/bz2/xz."""
     import mmap
 
-    with open(path, "rb") as f:
+    with ExitStack() as stack:
+        if url.startswith(REMOTE_PREFIXES):
+            from webdataset.gopen import gopen
+
+            f = gopen(url, "rb")
+            stack.callback(_close_quietly, f)
+            head = f.read(6)
+            unpacked = _decompressed(head, f)
+            yield _StreamSource(unpacked) if unpacked is not None else _StreamSource(f, head)
+            return
+        f = stack.enter_context(open(url, "rb"))
         size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise tarfile.ReadError("empty file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            off, long_name = 0, None
-            while off + 512 <= size:
-                block = buf[off : off + 512]
-                if block.count(0) == 512:
-                    return  # end-of-archive marker
-                stored = _octal(block[148:156])
-                if stored != sum(block[:148]) + 256 + sum(block[156:]):
-                    raise tarfile.ReadError(f"bad header checksum at byte {off}")
-                n = _octal(block[124:136])
-                kind = block[156:157]
-                start = off + 512
-                if start + n > size:
-                    raise tarfile.ReadError("unexpected end of data")
-                data = buf[start : start + n]
-                off = start + (n + 511) // 512 * 512
-                if kind == b"L":
-                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    continue
-                if kind == b"x":
-                    for record in data.decode("utf-8", "surrogateescape").split("\n"):
-                        key, _, value = record.partition(" ")[2].partition("=")
-                        if key == "path":
-                            long_name = value
-                    continue
-                if kind not in (b"0", b"\0", b"7"):
-                    long_name = None
-                    continue  # directories, links, global pax headers
-                name = long_name or block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
-                if prefix and not long_name:
-                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-                long_name = None
-                if _WDS_META.match(name):
-                    continue
-                yield {"fname": name, "data": data, "__url__": path}
-            if off < size:
-                raise tarfile.ReadError("unexpected end of data")
+        head = f.read(6)
+        unpacked = _decompressed(head, f) if size else None
+        if unpacked is not None:
+            yield _StreamSource(unpacked)
+        elif size == 0:
+            yield _MapSource(b"", 0)
+        else:
+            yield _MapSource(stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)), size)
 
 
-def _tar_samples(url: str, handler) -> Iterator[dict[str, Any]]:
-    """Grouped samples of one shard: our mmap reader for local files, webdataset's for the rest."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys
-
-    if url.startswith(REMOTE_PREFIXES):
-        yield from wds.tarfile_samples([{"url": url}], handler=handler)
-        return
-
-    def members() -> Iterator[dict[str, Any]]:
-        try:
-            yield from local_tar_members(url)
-        except (tarfile.TarError, OSError) as exn:
-            handler(exn)
-
-    yield from group_by_keys(members(), handler=handler)
+def _close_quietly(f: Any) -> None:
+    try:  # a remote pipe reports its exit status on close; a shard left early must not raise here
+        f.close()
+    except Exception as exn:
+        log.debug("closing %s: %s", f, exn)
 
 
-def iter_raw_samples(urls: Iterable[str], counts: Counter) -> Iterator[dict[str, Any]]:
-    """Samples as {__key__, __url__, __pos__, ext: bytes} through webdataset's tar reader, shard by shard.
+def _next_header(src: _MapSource | _StreamSource) -> tuple[tuple[int, bytes] | None, int | None]:
+    """Scan forward block by block for the next valid header: ((offset, block), or None at the end of the
+    file) and the offset of the first other non-zero block passed (None if there was none)."""
+    data_at = None
+    while True:
+        off = src.pos
+        block = src.read(_BLOCK)
+        if len(block) < _BLOCK:
+            if data_at is None and block.strip(b"\0"):
+                data_at = off
+            return None, data_at
+        if block == _ZERO_BLOCK:
+            continue
+        if _header(block) is not None:
+            return (off, block), data_at
+        if data_at is None:
+            data_at = off
 
-    Read errors are counted in `counts` by reason (one per broken shard) and reading goes on with
-    the next shard; a shard that holds no sample and raised nothing counts as `empty_shard`."""
-    for url in urls:
-        reasons: set[str] = set()
 
-        def handler(exn: BaseException) -> bool:
-            reason = classify_exception(exn)
-            if reason not in reasons:  # a broken tar raises at every later member: count it once
-                reasons.add(reason)
-                log.warning("%s: %s (%s)", url, reason, str(exn).splitlines()[0][:200])
-            return True
+def _entries(src: _MapSource | _StreamSource, want_data: bool = True) -> Iterator[Member | Damage]:
+    """Members and damaged stretches of one tar in file order; after a bad header, or zero blocks with data
+    behind them, reading resumes at the next valid 512-byte-aligned header (ustar, GNU long names, pax)."""
+    long_name: str | None = None
+    pax_size: int | None = None
+    pending: tuple[int, bytes] | None = None
+    while True:
+        if pending is None:
+            off = src.pos
+            block = src.read(_BLOCK)
+        else:
+            (off, block), pending = pending, None
+        if len(block) < _BLOCK:  # no end-of-archive marker
+            if off or block:
+                yield Damage("truncated", off, src.pos)
+            elif src.error is None:  # (a stream that fails at once is an unreadable shard, counted as such)
+                yield Damage("empty", 0, 0)
+            return
+        if block == _ZERO_BLOCK:  # the end-of-archive marker, unless a header follows
+            pending, data_at = _next_header(src)
+            if pending is None:
+                if data_at is not None:
+                    yield Damage("trailing_garbage", data_at, src.pos)
+                return
+            yield Damage("early_end", off, pending[0])
+            long_name = pax_size = None
+            continue
+        head = _header(block)
+        if head is None:
+            pending, data_at = _next_header(src)
+            if pending is None and data_at is None:  # only zero blocks behind it: the end marker itself was hit
+                yield Damage("bad_end", off, off + _BLOCK)
+                return
+            yield Damage("bad_header", off, src.pos if pending is None else pending[0])
+            if pending is None:
+                return
+            long_name = pax_size = None
+            continue
+        name, size, kind = head
+        regular = kind in _REGULAR
+        if regular and pax_size is not None:
+            size = pax_size
+        if want_data or not regular:
+            data = src.read(size, -size % _BLOCK)
+            short = len(data) < size
+        else:
+            data = None
+            short = src.skip(size) < size
+            src.skip(-size % _BLOCK)
+        if short:
+            yield Damage("truncated", off, src.pos, (long_name or name) if regular else None)
+            return
+        if kind == b"L":
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        if kind == b"x":
+            for record in data.decode("utf-8", "surrogateescape").split("\n"):
+                key, _, value = record.partition(" ")[2].partition("=")
+                if key == "path":
+                    long_name = value
+                elif key == "size" and value.isdigit():
+                    pax_size = int(value)
+            continue
+        if not regular:  # directories, links, global pax headers
+            long_name = pax_size = None
+            continue
+        name = long_name or name
+        long_name = pax_size = None
+        if not _WDS_META.match(name):
+            yield Member(name, data, off)
 
-        n = 0
-        truncated = looks_truncated(url)
-        held = None  # in a truncated tar the last sample may be partial: hold it back, then drop it
-        for sample in _tar_samples(url, handler):
-            sample["__pos__"] = n  # its position in the shard: stable sample indices
-            n += 1
-            if not truncated:
-                yield sample
+
+def tar_entries(url: str, want_data: bool = True) -> Iterator[Member | Damage]:
+    """Members and damaged stretches of one shard (local or remote), in file order: see `Member`, `Damage`."""
+    with _open_tar(url) as src:
+        yield from _entries(src, want_data)
+
+
+class _Grouper:
+    """A shard's members grouped by consecutive key (as webdataset's group_by_keys); a sample next to damage
+    is kept only when it has the members of the nearest intact sample, else dropped and counted."""
+    # `__pos__` numbers every sample slot in file order: dropped samples too, and the samples lost inside
+    # each damaged stretch when `lost_in(stretch index)` can tell (from the recorded size).
+
+    def __init__(self, url: str, lost_in: Callable[[int], int] | None = None):
+        self.url = url
+        self.lost_in = lost_in
+        self.regions: list[Damage] = []
+        self.hit: list[bool] = []  # a sample touching the stretch was dropped
+        self.dropped: Counter = Counter()
+        self.yielded = 0
+        self.duplicates = 0
+        self._pos = 0
+        self._cur: dict[str, Any] | None = None
+        self._cur_regions: list[int] = []
+        self._cut = False
+        self._touch: list[int] = []  # stretches the next new sample follows
+        self._unplaced: list[int] = []  # stretches whose lost samples have no positions yet
+        self._last: dict[str, Any] | None = None  # the last intact sample: what a whole sample holds
+        self._expected: frozenset | None = None  # its keys, when no intact sample was seen
+        self._queue: list[tuple[dict[str, Any], list[int]]] = []  # waiting for an intact sample to compare with
+
+    def samples(self, entries: Iterable[Member | Damage]) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import base_plus_ext as split_name  # key and extension, as webdataset splits them
+
+        for e in entries:
+            if type(e) is not Member:
+                yield from self._damage(e)
                 continue
-            if held is not None:
-                yield held
-            held = sample
-        if truncated:
-            reasons.add("bad_tar")
-            if held is not None:
-                counts["truncated_sample"] += 1
-                log.warning("%s is truncated: dropped its last, incomplete sample %s", url, held["__key__"])
-        counts.update(reasons)
-        if n == 0 and not reasons:
-            counts["empty_shard"] += 1
+            prefix, suffix = split_name(e.name)
+            if prefix is None:
+                continue
+            suffix = suffix.lower()
+            cur = self._cur
+            if cur is not None and prefix == cur["__key__"]:
+                if suffix in cur:  # webdataset raises "duplicate file name" and goes on without it
+                    self.duplicates += 1
+                else:
+                    cur[suffix] = e.data
+                self._touch = []  # a stretch inside this sample: it touches the open sample only
+                continue
+            if cur is not None:
+                if self._cur_regions or self._queue:
+                    yield from self._close()
+                else:  # the fast path: an intact sample
+                    cur["__pos__"] = self._pos
+                    self._pos += 1
+                    self._last = cur
+                    self.yielded += 1
+                    yield cur
+            if self._unplaced:
+                self._place_lost()
+            self._cur = {"__key__": prefix, "__url__": self.url, suffix: e.data}
+            self._cur_regions, self._touch = self._touch, []
+        if self._cur is not None:
+            yield from self._close()
+        self._unplaced = []
+        yield from self._judge_queue()
+
+    def _damage(self, d: Damage) -> Iterator[dict[str, Any]]:
+        r = len(self.regions)
+        self.regions.append(d)
+        self.hit.append(False)
+        cur = self._cur
+        if d.kind == "truncated" and d.name is not None:
+            from webdataset.tariterators import base_plus_ext
+
+            if cur is not None and base_plus_ext(d.name)[0] == cur["__key__"]:
+                self._cut = True  # the open sample lost its last member(s)
+                self._cur_regions.append(r)
+                return
+            if cur is not None:  # the cut member began a new sample: the open one is whole
+                yield from self._close()
+            self._place_lost()
+            self._pos += 1  # the cut sample's slot
+            self.dropped["truncated_sample"] += 1
+            self.hit[r] = True
+            return
+        if cur is not None:
+            self._cur_regions.append(r)
+        self._touch.append(r)
+        self._unplaced.append(r)
+
+    def _place_lost(self) -> None:
+        if self.lost_in is not None:
+            for r in self._unplaced:
+                self._pos += self.lost_in(r)
+        self._unplaced = []
+
+    def _close(self) -> Iterator[dict[str, Any]]:
+        s, regions, cut = self._cur, self._cur_regions, self._cut
+        self._cur, self._cur_regions, self._cut = None, [], False
+        s["__pos__"] = self._pos
+        self._pos += 1
+        if cut:
+            self._drop(regions, "truncated_sample")
+        elif not regions:
+            self._last = s
+            yield from self._judge_queue()
+            self.yielded += 1
+            yield s
+        elif self._last is None and self._expected is None:
+            self._queue.append((s, regions))
+        else:
+            yield from self._judge(s, regions)
+
+    def _judge(self, s: dict[str, Any], regions: list[int]) -> Iterator[dict[str, Any]]:
+        expected = self._expected if self._last is None else self._last.keys()
+        if s.keys() >= expected:
+            self.yielded += 1
+            yield s
+        else:
+            cut = any(self.regions[r].kind == "truncated" for r in regions)
+            self._drop(regions, "truncated_sample" if cut else "damaged_sample")
+
+    def _judge_queue(self) -> Iterator[dict[str, Any]]:
+        if not self._queue:
+            return
+        if self._last is None:  # no intact sample at all: compare with every member name seen
+            self._expected = frozenset().union(*(s for s, _ in self._queue))
+        queue, self._queue = self._queue, []
+        for s, regions in queue:
+            yield from self._judge(s, regions)
+
+    def _drop(self, regions: list[int], reason: str) -> None:
+        self.dropped[reason] += 1
+        for r in regions:
+            self.hit[r] = True
+
+
+def _plan_losses(url: str, recorded: int) -> list[int]:
+    """Samples lost inside each damaged stretch, from a header-only pass and the recorded size: exact
+    with one stretch; with several, spread by their byte lengths (a cut takes what is left)."""
+    try:
+        with _open_tar(url) as src:
+            g = _Grouper(url)
+            for _ in g.samples(_entries(src, want_data=False)):
+                pass
+            total = src.pos
+    except Exception as exn:  # the main pass counts whatever went wrong
+        log.debug("%s: planning pass failed: %s", url, exn)
+        return []
+    spans = [d.end - d.begin for d in g.regions]
+    plan = [0] * len(spans)
+    seen = g.yielded + sum(g.dropped.values())
+    lost = recorded - seen
+    if lost <= 0 or not spans:
+        return plan
+    per_sample = max(total - sum(spans), 1) / max(seen, 1)
+    for i, d in enumerate(g.regions):
+        if d.kind not in ("truncated", "empty"):
+            plan[i] = min(lost, int(spans[i] / per_sample))
+            lost -= plan[i]
+    if lost:
+        cut = [i for i, d in enumerate(g.regions) if d.kind in ("truncated", "empty")]
+        plan[cut[0] if cut else max(range(len(spans)), key=spans.__getitem__)] += lost
+    return plan
+
+
+def _describe(d: Damage) -> str:
+    return {
+        "bad_header": f"bad header at byte {d.begin}, resumed at {d.end}",
+        "early_end": f"zero blocks at bytes {d.begin}-{d.end} before more members",
+        "bad_end": f"a damaged end-of-archive marker at byte {d.begin}",
+        "truncated": f"cut at byte {d.end}" + (f" in {d.name}" if d.name else ""),
+        "trailing_garbage": f"non-tar data after the end marker at bytes {d.begin}-{d.end}",
+        "empty": "empty file",
+    }[d.kind]
+
+
+def _shard_samples(url: str, counts: Counter) -> Iterator[dict[str, Any]]:
+    """One shard's samples; what was lost or skipped is added to `counts` when the shard ends."""
+    recorded = recorded_size(url)
+    plan: list[int] | None = None
+
+    def lost_in(r: int) -> int:
+        nonlocal plan
+        if plan is None:
+            plan = _plan_losses(url, recorded)
+        return plan[r] if r < len(plan) else 0
+
+    g = _Grouper(url, lost_in if recorded is not None else None)
+    reasons: set[str] = set()
+    left_early = False
+    try:
+        with _open_tar(url) as src:
+            yield from g.samples(_entries(src))
+        if src.error is not None:
+            reasons.add(classify_exception(src.error))
+            log.warning("%s: %s (%s)", url, classify_exception(src.error), str(src.error).splitlines()[0][:200])
+    except GeneratorExit:  # the reader stopped inside this shard (a virtual epoch ended): nothing was lost
+        left_early = True
+        raise
+    except Exception as exn:  # never end the epoch over one shard
+        reason = classify_exception(exn)
+        reasons.add(reason)
+        log.warning("%s: %s (%s)", url, reason, (str(exn).splitlines() or [""])[0][:200])
+    finally:
+        _account(url, g, recorded, reasons, counts, complete=not left_early)
+
+
+def _account(url: str, g: _Grouper, recorded: int | None, reasons: set[str], counts: Counter, complete: bool) -> None:
+    """Add one shard's losses to `counts`: exact against its recorded size, else at least one per stretch."""
+    if any(d.kind != "trailing_garbage" for d in g.regions):
+        reasons.add("bad_tar")
+    if any(d.kind == "trailing_garbage" for d in g.regions):
+        reasons.add("trailing_garbage")
+    if g.duplicates:
+        reasons.add("duplicate_member")
+    lost: Counter = Counter(g.dropped)
+    if complete and recorded is not None:
+        rest = recorded - g.yielded - sum(g.dropped.values())
+        if rest > 0:
+            lost["lost_in_damage" if g.regions or reasons else "missing_samples"] += rest
+        elif rest < 0:
+            log.warning("%s holds %d samples more than its recorded size %d: check sizes.json/_info.json; "
+                        "sample indices after it may collide", url, -rest, recorded)
+    elif complete:
+        for d, hit in zip(g.regions, g.hit):
+            if not hit and d.kind in ("bad_header", "early_end"):
+                lost["lost_in_damage"] += 1
+            elif not hit and d.kind == "truncated":
+                lost["truncated_sample"] += 1
+    counts.update(lost)
+    counts.update(reasons)
+    if complete and not reasons and not g.regions and not g.yielded and not g.dropped:
+        counts["empty_shard"] += 1
+    if g.regions and complete:
+        n_lost = sum(lost.values())
+        exact = (f"recorded size {recorded}" if recorded is not None else
+                 "counted one per damaged stretch: the true number is unknown without a recorded size")
+        log.warning("%s: damaged tar (%s): read %d samples, %d lost (%s)",
+                    url, "; ".join(_describe(d) for d in g.regions), g.yielded, n_lost, exact)
+
+
+# `__pos__` is a sample's position in its shard, lost samples counted: right after damage when the shard
+# has a recorded size (with several damaged stretches in one shard their losses are spread by byte
+# length, so positions between them are estimates), a lower bound without one. Read + lost = recorded.
+def iter_raw_samples(urls: Iterable[str], counts: Counter) -> Iterator[dict[str, Any]]:
+    """Samples as {__key__, __url__, __pos__, ext: bytes}, shard by shard. Damage never ends the epoch: samples
+    lost are counted in `counts` (LOST_REASONS, exact given a recorded size), shard problems once (SHARD_REASONS)."""
+    for url in urls:
+        yield from _shard_samples(url, counts)
 
 
 def decode_sample(raw: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...] | None) -> dict[str, Any]:
@@ -300,6 +749,24 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
     tar.addfile(info, io.BytesIO(data))
 
 
+def _write_indexes(out: Path, shards: list[Path], sizes: dict[str, int], *, name: str, split: str) -> None:
+    """timm's `_info.json` and a wids shard index beside the shards, with paths relative to `out`."""
+    names = [p.name for p in shards]
+    timm_info = {"name": str(name), "splits": {split: {
+        "name": split, "num_samples": sum(sizes.values()), "filenames": names,
+        "shard_lengths": [sizes[n] for n in names],
+    }}}
+    (out / "_info.json").write_text(json.dumps(timm_info, indent=1) + "\n")
+    if not shards:  # wids refuses an index without shards
+        (out / "shardindex.json").unlink(missing_ok=True)
+        return
+    wids_index = {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": str(name),
+        "shardlist": [{"url": p.name, "nsamples": sizes[p.name], "filesize": p.stat().st_size} for p in shards],
+    }
+    (out / "shardindex.json").write_text(json.dumps(wids_index, indent=1) + "\n")
+
+
 def write_shards(
     samples: Iterable[dict[str, Any]],
     out: str | Path,
@@ -309,11 +776,13 @@ def write_shards(
     quality: int = 95,
     total: int | None = None,
     info: dict[str, Any] | None = None,
+    split: str | None = None,
     desc: str = "writing shards",
 ) -> list[Path]:
-    """Write samples (dicts of zoo fields) as `OUT/00000.tar, ...` with 9-digit keys, plus `sizes.json`
-    and, when `info` is given, `dataset.json`. Each shard appears whole (written aside, then renamed).
-    A sample's `__members__` ({extension: bytes}) are written verbatim: members copied from another shard."""
+    """Write samples (zoo field dicts) as whole `OUT/00000.tar, ...` (9-digit keys, `__members__` verbatim) with
+    `sizes.json` (open_clip), `_info.json` (timm), `shardindex.json` (wids) and `dataset.json` (`info`)."""
+    # timm: create_dataset("wds/NAME", root=OUT, split=...), the split defaulting to info["split"] or "train";
+    # wids: ShardListDataset("OUT/shardindex.json"), shard URLs relative to the index.
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
@@ -363,46 +832,103 @@ def write_shards(
             tmp.unlink(missing_ok=True)
         raise
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
+    _write_indexes(out, shards, sizes, name=(info or {}).get("name") or out.name,
+                   split=split or (info or {}).get("split") or "train")
     if info is not None:
         meta = {**info, "num_samples": sum(sizes.values()), "fields": sorted(fields_seen), "shards": len(shards)}
         (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return shards
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# torchvision's IMG_EXTENSIONS: the files ImageFolder takes, matched case-insensitively
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 
 
-def folder_samples(root: str | Path) -> tuple[list[str], Iterator[dict[str, Any]], int]:
-    """(classes, samples, count) from `root/CLASS/IMAGE` (+ an optional same-named `.txt` caption).
-
-    Image bytes are passed through unchanged (no re-encoding)."""
-    root = Path(root)
-    if not root.is_dir():
+def folder_files(root: str | Path, *, skip_hidden: bool = False,
+                 skipped: Counter | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, label)]) exactly as torchvision's `ImageFolder(root).samples` (hidden class folders
+    too, unless `skip_hidden`); files left out are counted in `skipped` by reason."""
+    root = os.path.expanduser(str(root))
+    skipped = Counter() if skipped is None else skipped
+    if not os.path.isdir(root):
         raise DataError(f"{root} is not a directory; expected ROOT/CLASS_NAME/IMAGE files")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if skip_hidden and entry.name.startswith("."):
+            skipped["hidden"] += 1
+        elif entry.is_dir():
+            classes.append(entry.name)
+        else:
+            skipped["not_in_class_folder"] += 1
     if not classes:
         raise DataError(f"{root} has no class sub-folders; expected ROOT/CLASS_NAME/IMAGE files")
-    files = [
-        (ci, p) for ci, c in enumerate(classes) for p in sorted((root / c).iterdir())
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    files: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        if name.startswith("."):
+            log.warning("%s is a hidden folder; like torchvision's ImageFolder, zoo makes it class %d: remove it or "
+                        "pass --skip-hidden (labels then differ from ImageFolder's)", os.path.join(root, name), label)
+        before = len(files)
+        for folder, subdirs, names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            if skip_hidden and any(part.startswith(".") for part in Path(folder).relative_to(root).parts):
+                skipped["hidden"] += len(names)
+                continue
+            stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(IMAGE_SUFFIXES)}
+            for n in sorted(names):
+                if skip_hidden and n.startswith("."):
+                    skipped["hidden"] += 1
+                elif n.lower().endswith(IMAGE_SUFFIXES):
+                    files.append((os.path.join(folder, n), label))
+                elif not (n.lower().endswith(".txt") and os.path.splitext(n)[0] in stems):  # a caption is used
+                    skipped["not_image"] += 1
+        if len(files) == before:
+            log.warning("class folder %s holds no image (ImageFolder would refuse it); its label %d is kept",
+                        os.path.join(root, name), label)
+    return classes, files
+
+
+def folder_samples(root: str | Path, *, skip_hidden: bool = False, other_as_png: bool = False,
+                   skipped: Counter | None = None) -> tuple[list[str], Iterator[dict[str, Any]], int]:
+    """(classes, samples, count of candidates) from `root/CLASS/**/IMAGE` in ImageFolder's order and labels, the
+    original bytes kept, `meta["path"]` relative to root, a same-named `.txt` as caption."""
+    # Formats keep their extension (`.jpeg` as `jpg`); `other_as_png` stores bmp/ppm/pgm/tif as lossless PNG
+    # for readers that look only for jpg/png/webp (timm, open_clip). Files PIL cannot open are skipped
+    # while the samples are made and counted in `skipped` as `unreadable_image`.
+    skipped = Counter() if skipped is None else skipped
+    classes, files = folder_files(root, skip_hidden=skip_hidden, skipped=skipped)
+    base = os.path.expanduser(str(root))
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}/*/")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {base}/*/")
 
     def gen() -> Iterator[dict[str, Any]]:
-        for i, (ci, p) in enumerate(files):
-            ext = p.suffix.lower().lstrip(".")
-            sample: dict[str, Any] = {"__key__": f"{i:09d}", "label": ci}
-            if ext in ("jpg", "jpeg", "png", "webp"):
-                sample["image"] = p.read_bytes()
-                sample["__image_ext__"] = ext
-            else:
-                from PIL import Image
+        from PIL import Image
 
-                sample["image"] = Image.open(p).convert("RGB")
-            caption = p.with_suffix(".txt")
+        i = 0
+        for path, label in files:
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            try:
+                with Image.open(path) as im:  # reads the header only: is it an image at all?
+                    png = other_as_png and ext not in ("jpg", "jpeg", "png", "webp")
+                    if png:
+                        im = im if im.mode in _PNG_MODES else im.convert("RGBA" if "A" in im.getbands() else "RGB")
+                        buf = io.BytesIO()
+                        im.save(buf, format="PNG")
+                        data = buf.getvalue()
+                    else:
+                        data = Path(path).read_bytes()
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                skipped["unreadable_image"] += 1
+                log.warning("skipped %s: %s", path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                continue
+            sample: dict[str, Any] = {
+                "__key__": f"{i:09d}", "image": data, "label": label,
+                "__image_ext__": "png" if png else "jpg" if ext == "jpeg" else ext,
+                "meta": {"path": Path(path).relative_to(base).as_posix()},
+            }
+            caption = Path(path).with_suffix(".txt")
             if caption.is_file():
                 sample["caption"] = caption.read_text(encoding="utf-8", errors="replace").strip()
+            i += 1
             yield sample
 
     return classes, gen(), len(files)
@@ -410,14 +936,16 @@ def folder_samples(root: str | Path) -> tuple[list[str], Iterator[dict[str, Any]
 
 # -- checking ------------------------------------------------------------------------------------
 def check_shards(pattern: str) -> list[dict[str, Any]]:
-    """Per shard: samples read, fields seen, skipped samples by reason (decoding every field)."""
+    """Per shard, decoding every field: `samples` good, `read` (good + undecodable), `lost`, `recorded` size,
+    `mismatch` (read + lost != recorded), `skipped` by reason and `fields` seen."""
     rows = []
     urls = [u for source in expand_sources(pattern) for u in source]
     for url in progress_bar(urls, desc="checking", unit="shard"):
         counts: Counter = Counter()
         fields: Counter = Counter()
-        good = 0
+        good = read = 0
         for raw in iter_raw_samples([url], counts):
+            read += 1
             try:
                 sample = decode_sample(raw, required=(), optional=None)
             except FieldError as e:
@@ -428,5 +956,11 @@ def check_shards(pattern: str) -> list[dict[str, Any]]:
                 continue
             good += 1
             fields.update(k for k in sample if not k.startswith("__"))
-        rows.append({"shard": url, "samples": good, "fields": dict(sorted(fields.items())), "skipped": dict(counts)})
+        recorded = recorded_size(url)
+        lost = sum(counts[r] for r in LOST_REASONS)
+        rows.append({
+            "shard": url, "samples": good, "read": read, "lost": lost, "recorded": recorded,
+            "mismatch": recorded is not None and read + lost != recorded,
+            "fields": dict(sorted(fields.items())), "skipped": {r: n for r, n in counts.items() if n},
+        })
     return rows
