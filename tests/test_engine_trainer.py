@@ -255,29 +255,11 @@ def test_compile_trains_like_eager(fractal_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(fractal_shards, tmp_path):
-    """`torchrun --nproc_per_node 2 -m zoo pretrain ...`: gloo, data split by rank, one consistent checkpoint."""
+def test_torchrun_fsdp_matches_ddp_and_resumes_exactly(fractal_shards, tmp_path):
+    """On 2 CPU processes (gloo): `torchrun -m zoo pretrain` with DDP splits the data by rank and writes one
+    consistent run; FSDP2 gives the same weights as DDP, and its stop + resume equals a straight run."""
     import yaml
 
-    r = recipe(fractal_shards, steps=4)
-    r["data"]["batch_size"] = 4
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "zoo", "pretrain", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    done = json.loads((tmp_path / "ddp" / "done.json").read_text())
-    assert done["world_size"] == 2 and done["ranks_consistent"] is True
-    assert done["samples_per_rank"] == [16, 16]  # 4 steps x batch 4 on each rank
-    assert done["overlapping_samples"] == 0  # the ranks trained on disjoint samples
-    assert [p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()] == ["step_000000004.pt"]
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 4  # rank 0 alone writes
-
-
-@pytest.mark.slow
-def test_torchrun_fsdp_matches_ddp_and_resumes_exactly(fractal_shards, tmp_path):
-    """FSDP2 on 2 CPU processes (gloo): the same weights as DDP, and a stop + resume equals a straight run."""
     r = recipe(fractal_shards, steps=4)
     r["data"]["batch_size"] = 4
     r["output"]["checkpoint_every"] = 2
@@ -293,27 +275,29 @@ def test_torchrun_fsdp_matches_ddp_and_resumes_exactly(fractal_shards, tmp_path)
     """))
 
     def torchrun(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    torchrun("fsdp", str(tmp_path / "fsdp"))
-    torchrun("ddp", str(tmp_path / "ddp"))
-    torchrun("fsdp", str(tmp_path / "fsdp_resume"), "2")
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump({**r, "distributed": "ddp"}))
+    torchrun("-m", "zoo", "pretrain", str(tmp_path / "ddp.yaml"), "--run-dir", str(tmp_path / "ddp"))
+    torchrun(str(script), "fsdp", str(tmp_path / "fsdp"))
+    torchrun(str(script), "fsdp", str(tmp_path / "fsdp_resume"), "2")
     assert not (tmp_path / "fsdp_resume" / "done.json").exists()
-    torchrun("fsdp", str(tmp_path / "fsdp_resume"))
-    torchrun("ddp", str(tmp_path / "ddp_resume"), "2")
-    torchrun("ddp", str(tmp_path / "ddp_resume"))
+    torchrun(str(script), "fsdp", str(tmp_path / "fsdp_resume"))
 
-    done = json.loads((tmp_path / "fsdp" / "done.json").read_text())
-    assert done["distributed"] == "fsdp" and done["ranks_consistent"] is True
-    assert done["overlapping_samples"] == 0 and done["samples_per_rank"] == [16, 16]
-    fsdp, ddp, fsdp_resumed, ddp_resumed = (weights(tmp_path / d) for d in ("fsdp", "ddp", "fsdp_resume", "ddp_resume"))
+    for run, mode in (("ddp", "ddp"), ("fsdp", "fsdp")):
+        done = json.loads((tmp_path / run / "done.json").read_text())
+        assert done["distributed"] == mode and done["world_size"] == 2 and done["ranks_consistent"] is True
+        assert done["overlapping_samples"] == 0  # the ranks trained on disjoint samples
+        assert done["samples_per_rank"] == [16, 16]  # 4 steps x batch 4 on each rank
+    assert "step_000000004.pt" in [p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()]
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 4  # rank 0 alone writes
+    fsdp, ddp, fsdp_resumed = (weights(tmp_path / d) for d in ("fsdp", "ddp", "fsdp_resume"))
     assert fsdp.keys() == ddp.keys()
     assert max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < 1e-6  # the same averaged gradients
-    assert all(torch.equal(fsdp[k], fsdp_resumed[k]) for k in fsdp), "FSDP resume differs from the straight run"
-    assert all(torch.equal(ddp[k], ddp_resumed[k]) for k in ddp), "DDP resume differs (per-rank RNG not restored?)"
+    assert all(torch.equal(fsdp[k], fsdp_resumed[k]) for k in fsdp), "FSDP resume differs (per-rank RNG not restored?)"
     import zoo
 
     published = zoo.load("vit_nano_patch4_32.fsdp_test").state_dict()  # gathered from the shards on rank 0
