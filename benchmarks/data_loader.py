@@ -1,7 +1,10 @@
-"""Images/s of zoo's shard loader vs torchvision ImageFolder + DataLoader vs a bare PIL decode loop.
+"""Images/s of zoo's shard loader vs torchvision ImageFolder + DataLoader vs a bare decode-and-transform loop.
 
 The same JPEG bytes (built-in `scenes`, written once as an ImageFolder tree and once as shards
-with the bytes passed through), the same transform, the same number of worker processes.
+with the bytes passed through), the same transform, the same number of worker processes. The
+ceiling is the bare loop run in that many processes at once, measured (not one process times N):
+no loader, no batching, no IPC; it decodes as zoo's loader does, so a faster decoder lifts it too.
+CPU µs/img adds up every process (main and workers): steadier than img/s on a busy machine.
 
     python benchmarks/data_loader.py --n 5000 --size 64 --workers 2
 """
@@ -9,20 +12,27 @@ with the bytes passed through), the same transform, the same number of worker pr
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from zoo.data import loader, write_shards
 from zoo.data.builtin import generate
-from zoo.data.shards import folder_samples
+from zoo.data.fields import decode_field
+from zoo.data.writer import folder_samples
+
+BARE_1 = "bare decode loop, 1 process"
+CEILING = "bare decode loop, N processes"
+FOLDER = "torchvision ImageFolder + DataLoader"
+ZOO = "zoo.data.loader (webdataset shards)"
 
 
 def make_transform(crop: int) -> v2.Compose:
@@ -46,33 +56,65 @@ def prepare(root: Path, n: int, size: int) -> tuple[Path, Path]:
     return folder, root / "shards"
 
 
-def bench_zoo(shards: Path, transform, batch: int, workers: int) -> tuple[int, float]:
+def bench_zoo(shards: Path, transform, batch: int, workers: int) -> int:
     def tf(sample):
         return {"image": transform(sample["image"]), "label": sample["label"]}
 
     ld = loader(str(shards / "*.tar"), fields=("image", "label"), transform=tf, batch_size=batch,
                 num_workers=workers, shuffle=1000)
-    t = time.perf_counter()
-    n = sum(len(b["label"]) for b in ld)
-    return n, time.perf_counter() - t
+    return sum(len(b["label"]) for b in ld)
 
 
-def bench_imagefolder(folder: Path, transform, batch: int, workers: int) -> tuple[int, float]:
+def bench_imagefolder(folder: Path, transform, batch: int, workers: int) -> int:
     ds = datasets.ImageFolder(str(folder), transform=transform)
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers)
-    t = time.perf_counter()
-    n = sum(len(y) for _, y in dl)
-    return n, time.perf_counter() - t
+    return sum(len(y) for _, y in dl)
 
 
-def bench_bare_loop(folder: Path, transform) -> tuple[int, float]:
-    """One process, no loader: read the file, decode with PIL, transform. Times `workers` give the ceiling."""
-    paths = sorted(folder.rglob("*.jpg"))
-    t = time.perf_counter()
+def bare_loop(paths: list[Path], transform) -> None:
+    """Read each file, decode it as zoo's loader does, transform it; nothing is kept or sent."""
     for p in paths:
-        with Image.open(p) as im:
-            transform(im.convert("RGB"))
+        transform(decode_field("image", "jpg", p.read_bytes()))
+
+
+def _bare_process(paths: list[Path], transform, start) -> None:
+    torch.set_num_threads(1)
+    start.wait()
+    bare_loop(paths, transform)
+
+
+def bench_bare(folder: Path, transform, processes: int) -> tuple[int, float]:
+    """The bare loop over all files in `processes` processes at once, timed from a common start (process
+    creation excluded) to the last one's end; (images, seconds)."""
+    paths = sorted(folder.rglob("*.jpg"))
+    if processes == 1:
+        t = time.perf_counter()
+        bare_loop(paths, transform)
+        return len(paths), time.perf_counter() - t
+    start = mp.Barrier(processes + 1)
+    procs = [mp.Process(target=_bare_process, args=(paths[i::processes], transform, start)) for i in range(processes)]
+    for p in procs:
+        p.start()
+    start.wait()
+    t = time.perf_counter()
+    for p in procs:
+        p.join()
     return len(paths), time.perf_counter() - t
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (loader workers, bare-loop processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(run) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds of every process) of one run."""
+    cpu, t = _cpu_seconds(), time.perf_counter()
+    out = run()
+    wall, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
+    n, wall = out if isinstance(out, tuple) else (out, wall)  # the bare loops time themselves
+    return n, wall, cpu
 
 
 def main() -> None:
@@ -89,28 +131,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, shards = prepare(Path(tmp), args.n, args.size)
         runs = {
-            "bare PIL decode loop, 1 process": lambda: bench_bare_loop(folder, transform),
-            "torchvision ImageFolder + DataLoader": lambda: bench_imagefolder(folder, transform, args.batch, args.workers),
-            "zoo.data.loader (webdataset shards)": lambda: bench_zoo(shards, transform, args.batch, args.workers),
+            BARE_1: lambda: bench_bare(folder, transform, 1),
+            CEILING: lambda: bench_bare(folder, transform, args.workers),
+            FOLDER: lambda: bench_imagefolder(folder, transform, args.batch, args.workers),
+            ZOO: lambda: bench_zoo(shards, transform, args.batch, args.workers),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}
+        cpus: dict[str, list[float]] = {name: [] for name in runs}
         names = list(runs)
         for r in range(args.repeats):  # interleaved and rotated, so drifting load hits every loader alike
             for name in names[r % len(names):] + names[: r % len(names)]:
-                run = runs[name]
-                n, sec = run()
+                n, wall, cpu = timed(runs[name])
                 assert n == args.n, f"{name} read {n} of {args.n} images"
-                rates[name].append(n / sec)
+                rates[name].append(n / wall)
+                cpus[name].append(cpu / n * 1e6)
     med = {name: statistics.median(r) for name, r in rates.items()}
-    ceiling = med["bare PIL decode loop, 1 process"] * args.workers
-    folder_rate = med["torchvision ImageFolder + DataLoader"]
+    ceiling, folder_rate = med[CEILING], med[FOLDER]
     print(f"\n{args.n} JPEGs of {args.size}px -> {args.crop}px crops, {args.workers} workers, batch {args.batch}; "
           f"median (min-max) of {args.repeats} interleaved, rotated runs\n")
-    print(f"{'loader':40s} {'img/s':>7s} {'(min-max)':>13s} {'vs ImageFolder':>15s} {'vs ceiling':>11s}")
+    print(f"{'loader':40s} {'img/s':>7s} {'(min-max)':>13s} {'CPU µs/img':>11s} {'vs ImageFolder':>15s} {'vs ceiling':>11s}")
     for name, r in rates.items():
-        print(f"{name:40s} {med[name]:7.0f} {f'({min(r):.0f}-{max(r):.0f})':>13s} "
+        print(f"{name:40s} {med[name]:7.0f} {f'({min(r):.0f}-{max(r):.0f})':>13s} {statistics.median(cpus[name]):11.0f} "
               f"{med[name] / folder_rate:14.2f}x {med[name] / ceiling:10.2f}x")
-    print(f"\nceiling = the bare loop's rate x {args.workers} workers = {ceiling:.0f} img/s (perfect scaling, no IPC)")
+    print(f"\nceiling = the bare loop in {args.workers} processes at once = {ceiling:.0f} img/s "
+          f"(one process x {args.workers} would be {med[BARE_1] * args.workers:.0f}, which assumes {args.workers} idle cores)")
+
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ class DataSpec:
     the batch (default: torch's `default_collate`), also in the workers, so per-batch random work
     (block masks) is seeded with the loader. `index=True` adds `__index__`, a sample's stable
     position in the dataset (the same in every epoch and on every rank), for memory banks.
+    `drop_last=False` when `training_step` accepts a short batch: the epoch's last, partial batch is kept.
     """
 
     fields: tuple[str, ...] = ("image",)  # required sample fields (zoo field names)
@@ -45,6 +46,7 @@ class DataSpec:
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     index: bool = False
+    drop_last: bool = True  # False when the method's step accepts a short batch
 
     def sample_transform(self, backbone: nn.Module) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """The transform the loader applies: the method's own, or the default single-image one."""

@@ -29,7 +29,9 @@ from zoo.tools.captions import (
     sidecar_name,
 )
 from zoo.data.fields import decode_field
-from zoo.data.shards import expand_sources, iter_raw_samples, write_shards
+from zoo.data.reader import iter_raw_samples
+from zoo.data.shards import expand_sources
+from zoo.data.writer import write_shards
 from zoo.data.transforms import named_captions
 from zoo.errors import ZooError
 

@@ -16,7 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from zoo.data import loader
-from zoo.data.shards import LOST_REASONS, check_shards, counts_samples, iter_raw_samples, write_shards
+from zoo.data.reader import LOST_REASONS, check_shards, counts_samples, iter_raw_samples
+from zoo.data.writer import write_shards
 
 N = 24  # samples in the shard, 3 members each: jpg, cls, txt
 
@@ -242,7 +243,7 @@ def test_without_recorded_size_at_least_one_per_stretch_and_said_so(shard, tmp_p
     blob, m = shard
     start, end = header(m, 8, "jpg"), header(m, 11, "jpg")
     url = write_damaged(tmp_path / "d", zeros(blob, start, end - start), recorded=False)
-    with caplog.at_level(logging.WARNING, logger="zoo.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="zoo.data.reader"):
         samples, counts = read_all(url)
     assert len(samples) == N - 3 and counts == Counter(lost_in_damage=1, bad_tar=1)
     assert "unknown without a recorded size" in caplog.text

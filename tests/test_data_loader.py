@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -13,9 +14,13 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from zoo.recipes.base import DataSpec, Method
 
 from zoo.data import loader
-from zoo.data.shards import DataError, check_shards, dataset_size, write_shards
+from zoo.data.reader import check_shards, dataset_size
+from zoo.data.writer import write_shards
+from zoo.errors import DataError
+from zoo.registry import RECIPES
 
 
 def img(value: int, size: int = 8) -> Image.Image:
@@ -114,6 +119,7 @@ def test_written_modalities_round_trip(tmp_path):
 def test_size_from_info_json_and_scan(tmp_path):
     write_shards(toy(7), tmp_path, maxcount=4)
     (tmp_path / "sizes.json").unlink()
+    (tmp_path / "_info.json").unlink()
     pattern = str(tmp_path / "*.tar")
     assert dataset_size(pattern) is None
     assert dataset_size(pattern, scan=True) == 7
@@ -255,3 +261,140 @@ def test_png_bytes_in_a_jpg_member_still_decode(tmp_path):
     raw_tar(tmp_path / "00000.tar", [("000000000.jpg", buf.getvalue()), ("000000000.cls", b"3")])
     (s,) = list(loader(str(tmp_path / "00000.tar"), fields=("image", "label"), batch_size=None))
     assert pixel(s) == 42 and s["label"] == 3
+
+
+# -- batches span the workers: every sample used -------------------------------------------------
+def keyed(s):
+    return {"__key__": s["__key__"], "label": s["label"]}
+
+
+def batches_of(pattern, **kw):
+    """(the keys of each batch, the loader)"""
+    ld = loader(pattern, fields=("label",), transform=keyed, batch_size=128, shuffle=50, seed=3, **kw)
+    out = [list(b["__key__"]) for b in ld]
+    return out, ld
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_small_dataset_loses_at_most_one_partial_batch(tmp_path, workers):
+    """300 samples in 3 shards, batch 128: 2 full batches with drop_last, 3 (the last short) without."""
+    write_shards(({"__key__": f"{i:09d}", "label": i} for i in range(300)), tmp_path, maxcount=100)
+    pattern = str(tmp_path / "*.tar")
+    kept, ld = batches_of(pattern, num_workers=workers, drop_last=True)
+    assert [len(b) for b in kept] == [128, 128] and len(ld) == 2
+    keys = [k for b in kept for k in b]
+    assert len(set(keys)) == 256
+    assert ld.skipped == Counter(dropped_last_batch=44) and ld.samples_seen == 256
+    everything, ld = batches_of(pattern, num_workers=workers, drop_last=False)
+    assert [len(b) for b in everything] == [128, 128, 44] and len(ld) == 3
+    assert sorted(k for b in everything for k in b) == [f"{i:09d}" for i in range(300)]
+    assert not ld.skipped and ld.samples_seen == 300
+    assert batches_of(pattern, num_workers=workers, drop_last=False)[0] == everything  # the same batches, in order
+    assert everything[:2] == kept
+
+
+def test_two_ranks_each_merge_their_workers_leftovers(tmp_path):
+    write_shards(({"__key__": f"{i:09d}", "label": i} for i in range(300)), tmp_path, maxcount=50)  # 6 shards
+    pattern = str(tmp_path / "*.tar")
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    for drop_last, sizes in ((True, [128]), (False, [128, 22])):
+        ranks = [batches_of(pattern, num_workers=2, drop_last=drop_last, rank=r, world_size=2) for r in (0, 1)]
+        keys = [[k for b in batches for k in b] for batches, _ in ranks]
+        assert [[len(b) for b in batches] for batches, _ in ranks] == [sizes, sizes]
+        assert [len(ld) for _, ld in ranks] == [len(sizes)] * 2
+        assert not set(keys[0]) & set(keys[1])
+        if not drop_last:
+            assert sorted(keys[0] + keys[1]) == [f"{i:09d}" for i in range(300)]
+        again = [batches_of(pattern, num_workers=2, drop_last=drop_last, rank=r, world_size=2)[0] for r in (0, 1)]
+        assert again == [batches for batches, _ in ranks]
+    assert torch.multiprocessing.get_sharing_strategy() == strategy  # the workers' choice, not the main process's
+
+
+def test_collate_randomness_of_merged_batches_is_seeded_and_leaves_training_rng_alone(tmp_path):
+    """Collates may draw randomness (iBOT block masks): the merged batches' draws are seeded too."""
+    write_shards(toy(30), tmp_path, maxcount=10)
+
+    def masked(batch):
+        return {"label": torch.tensor([s["label"] for s in batch]), "mask": torch.rand(len(batch))}
+
+    def run():
+        ld = loader(str(tmp_path / "*.tar"), fields=("label",), transform=lambda s: {"label": s["label"]},
+                    collate=masked, batch_size=8, num_workers=2, seed=2)
+        return [(b["label"].tolist(), b["mask"]) for b in ld]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = run()
+    assert torch.equal(torch.get_rng_state(), before), "merging leftovers consumed the training RNG"
+    assert [len(labels) for labels, _ in first] == [8, 8, 8, 6]  # workers hold 20 + 10: 2 + 1 full, then 4 + 2 left
+    second = run()
+    assert [labels for labels, _ in first] == [labels for labels, _ in second]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, second))
+    assert torch.cat([m for _, m in first]).unique().numel() == 30
+
+
+def test_resampled_quota_batches_span_workers(tmp_path):
+    write_shards(toy(40), tmp_path, maxcount=10)
+    ld = loader(str(tmp_path / "*.tar"), fields=("label",), batch_size=10, resampled=True, epoch_samples=30,
+                num_workers=2, transform=lambda s: {"label": s["label"]})
+    assert [len(b["label"]) for b in ld] == [10, 10, 10] == [10] * len(ld)  # 15 per worker: 5 + 5 merged
+
+
+# -- no transform --------------------------------------------------------------------------------
+def test_no_transform_batches_images_as_uint8_tensors(tmp_path):
+    write_shards(toy(6), tmp_path, image_format="png")
+    (batch,) = list(loader(str(tmp_path / "*.tar"), fields=("image", "label", "caption"), batch_size=6, shuffle=0))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (6, 3, 8, 8)
+    assert batch["image"][:, :, 3, 5].tolist() == [[i * 2] * 3 for i in range(6)]
+    assert batch["label"].tolist() == list(range(6))
+    assert batch["caption"] == [f"sample {i}" for i in range(6)]
+
+
+def test_images_of_several_sizes_without_transform_is_a_data_error(tmp_path):
+    samples = [{"__key__": f"{i:09d}", "image": img(i, size=8 if i % 2 else 12)} for i in range(4)]
+    write_shards(samples, tmp_path, image_format="png")
+    for workers in (0, 1):
+        with pytest.raises(DataError, match=r"\(3, 12, 12\) and \(3, 8, 8\).*pass a transform.*eval_transform") as e:
+            list(loader(str(tmp_path / "*.tar"), batch_size=4, shuffle=0, num_workers=workers))
+        assert "\n" not in str(e.value)  # the worker's error arrives as itself, not wrapped in a traceback
+
+
+class ShortBatchStub(Method):
+    """The smallest trainable method; it logs each batch's size, and keeps short batches when asked."""
+
+    def __init__(self, arch: str = "none", keep_short: bool = False):
+        super().__init__()
+        self.net = torch.nn.Linear(1, 1)
+        self.net.pretrained_cfg = {"input_size": (3, 8, 8)}
+        self.keep_short = keep_short
+
+    def training_step(self, batch, step):
+        return {"loss": self.net(batch["x"]).pow(2).mean(), "n": torch.tensor(float(len(batch["x"])))}
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(fields=("label",), transform=lambda s: {"x": torch.tensor([float(s["label"])])},
+                        drop_last=not self.keep_short)
+
+    def backbone(self) -> torch.nn.Module:
+        return self.net
+
+
+@pytest.mark.parametrize("keep_short", [False, True])
+def test_data_spec_drop_last_reaches_the_trainer(tmp_path, keep_short):
+    from zoo.engine.trainer import pretrain
+
+    write_shards(({"__key__": f"{i:09d}", "label": i} for i in range(10)), tmp_path / "s", maxcount=5)
+    name = f"zoo_test_short_batch_{uuid.uuid4().hex[:8]}"
+    RECIPES.register(name, ShortBatchStub)
+    try:
+        res = pretrain({
+            "method": {"name": name, "keep_short": keep_short}, "model": {"arch": "vit_nano_patch4_32"},
+            "data": {"train": str(tmp_path / "s" / "*.tar"), "batch_size": 4, "num_workers": 0, "shuffle": 0},
+            "optim": {"lr": 1e-3}, "schedule": {"steps": 4, "warmup_steps": 1},
+            "output": {"checkpoint_every": 0, "log_every": 1, "tensorboard": False, "plots": False}, "seed": 1,
+        }, run_dir=tmp_path / "run")
+    finally:
+        RECIPES._entries.pop(name, None)
+    sizes = [m["n"] for m in res.metrics]
+    assert sizes == ([4, 4, 2, 4] if keep_short else [4, 4, 4, 4])  # 10 samples an epoch, batch 4
+    assert "dropped_by_collate" not in res.skipped  # a kept short batch is not a collate's drop

@@ -15,7 +15,8 @@ from PIL import Image
 
 from zoo.cli import main
 from zoo.data import loader
-from zoo.data.shards import folder_samples, iter_raw_samples, write_shards
+from zoo.data.reader import iter_raw_samples
+from zoo.data.writer import folder_samples, write_shards
 
 N = 10
 

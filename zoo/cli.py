@@ -192,7 +192,7 @@ def cmd_shards_make_builtin(args: argparse.Namespace) -> int:
     from itertools import chain
 
     from zoo.data.builtin import generate
-    from zoo.data.shards import write_shards
+    from zoo.data.writer import write_shards
     from zoo.registry import DATASETS
 
     for flag, value in (("--n", args.n), ("--maxcount", args.maxcount)):
@@ -219,7 +219,7 @@ def cmd_shards_make_builtin(args: argparse.Namespace) -> int:
 def cmd_shards_from_folder(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from zoo.data.shards import folder_samples, write_shards
+    from zoo.data.writer import folder_samples, write_shards
 
     skipped: Counter = Counter()
     classes, samples, n = folder_samples(args.src, skip_hidden=args.skip_hidden, other_as_png=args.other_as_png,
@@ -234,7 +234,8 @@ def cmd_shards_from_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_check(args: argparse.Namespace) -> int:
-    from zoo.data.shards import LOST_REASONS, REMOTE_PREFIXES, check_shards, counts_samples
+    from zoo.data.reader import LOST_REASONS, check_shards, counts_samples
+    from zoo.data.shards import REMOTE_PREFIXES
 
     rows = check_shards(args.pattern)
     if args.json:

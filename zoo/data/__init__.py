@@ -5,6 +5,8 @@
 """
 
 from zoo.data.pipeline import Loader, loader
-from zoo.data.shards import DataError, check_shards, dataset_size, write_shards
+from zoo.data.reader import check_shards, dataset_size
+from zoo.data.writer import write_shards
+from zoo.errors import DataError
 
 __all__ = ["loader", "Loader", "DataError", "dataset_size", "write_shards", "check_shards"]

@@ -4,12 +4,17 @@ Built on webdataset's tar reader with the defaults that avoid its known traps: a
 and worker split of a numerically shuffled shard list (every sample exactly once per epoch), a
 resampled mode with a virtual epoch, randomness derived from (seed, epoch, rank, worker) only, and
 every skipped sample counted by reason and reported, never silently dropped.
+
+Batching spans the workers: each worker collates its full batches, and sends the samples left over
+at its end with its WorkerReport; the main process merges those (in worker order) into the epoch's
+last batches, so a rank drops at most one partial batch per epoch (none without `drop_last`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import random
 from collections import Counter
 from contextlib import contextmanager
@@ -17,21 +22,41 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from zoo.data.fields import FieldError
-from zoo.data.shards import DataError, decode_sample, expand_sources, iter_raw_samples, shard_sizes
+from zoo.data.reader import decode_sample, iter_raw_samples
+from zoo.data.shards import expand_sources, shard_sizes
+from zoo.errors import DataError, ZooError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class WorkerReport:
-    """Sent by each worker after its last batch: what it read and what it skipped, by reason."""
+    """Sent by each worker after its last batch: what it read, what it skipped by reason, and its
+    transformed samples that did not fill a batch (`leftover`, batched by the main process)."""
 
     worker: int
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)
+    leftover: list = field(default_factory=list)
+
+
+@dataclass
+class _Collated:
+    """A batch with the number of samples that went into its collate (a custom collate may drop some)."""
+
+    samples: int
+    batch: Any
+
+
+@dataclass
+class _WorkerFailure:
+    """A user error (ZooError) raised in a worker, passed to the main process to re-raise as is."""
+
+    error: ZooError
 
 
 def dist_info() -> tuple[int, int]:
@@ -109,7 +134,21 @@ class ShardStream(IterableDataset):
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self):
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is None:
+            yield from self._stream(0, 1, in_worker=False)
+            return
+        _send_tensors_by_name()
+        try:
+            yield from self._stream(info.id, info.num_workers, in_worker=True)
+        except ZooError as e:  # re-raised as is in the main process, not wrapped in a worker traceback
+            try:
+                pickle.dumps(e)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                raise e from None
+            yield _WorkerFailure(e)
+
+    def _stream(self, worker: int, num_workers: int, in_worker: bool) -> Iterator[Any]:
+        """This worker's full batches (or samples), then its WorkerReport with the leftover samples."""
         stream_seed = _seed_of(self.seed, self.epoch, self.rank, worker)
         rng = random.Random(stream_seed)
         report = WorkerReport(worker)
@@ -118,16 +157,20 @@ class ShardStream(IterableDataset):
         else:
             urls = iter(self.my_shards(worker, num_workers))
         quota = self._quota(worker, num_workers) if self.resampled else None
-        with _torch_rng(stream_seed, in_worker=info is not None) as rng_scope:
-            samples = self._decoded(iter_raw_samples(urls, report.skipped), report)
-            if self.shuffle:
-                samples = _shuffled(samples, self.shuffle, rng)
+        as_tensors = self.transform is None and self.collate is None and self.batch_size is not None
+        with _torch_rng(stream_seed, in_worker=in_worker) as rng_scope:
+            raws = iter_raw_samples(urls, report.skipped)
+            if self.shuffle:  # shuffle the encoded bytes: a buffer of decoded images is many times larger
+                raws = _shuffled(raws, self.shuffle, rng)
+            samples = self._decoded(raws, report)
             scope = rng_scope or contextlib.nullcontext  # transforms and collate draw from the loader's stream
             batch: list[Any] = []
             for sample in samples:
                 if self.transform is not None:
                     with scope():
                         sample = self.transform(sample)
+                elif as_tensors:
+                    sample = _images_as_tensors(sample)
                 report.samples += 1
                 if self.batch_size is None:
                     yield sample
@@ -136,18 +179,27 @@ class ShardStream(IterableDataset):
                     if len(batch) == self.batch_size:
                         with scope():
                             out = self._collate(batch)
-                        yield out
+                        yield _Collated(len(batch), out)
                         batch = []
                 if quota is not None and report.samples >= quota:
                     break
-            if batch and not self.drop_last:
-                with scope():
-                    out = self._collate(batch)
-                yield out
-            elif batch:
-                report.skipped["dropped_last_batch"] += len(batch)
-                report.samples -= len(batch)
+        report.leftover = batch
         yield report
+
+    def leftover_batches(self, leftover: list[Any], skipped: Counter) -> Iterator[Any]:
+        """The workers' leftover samples (already in worker order) as full batches, then the last
+        partial one unless `drop_last` (counted as `dropped_last_batch`). Collated in the main process
+        from a stream seeded by (seed, epoch, rank), swapped in so training randomness is untouched."""
+        bs = self.batch_size
+        with _torch_rng(_seed_of(self.seed, self.epoch, self.rank, "leftover"), in_worker=False) as scope:
+            for i in range(0, len(leftover), bs):
+                chunk = leftover[i : i + bs]
+                if len(chunk) < bs and self.drop_last:
+                    skipped["dropped_last_batch"] += len(chunk)
+                    return
+                with scope():
+                    out = self._collate(chunk)
+                yield _Collated(len(chunk), out)
 
     def _decoded(self, raws: Iterator[dict[str, Any]], report: WorkerReport) -> Iterator[dict[str, Any]]:
         for raw in raws:
@@ -161,7 +213,58 @@ class ShardStream(IterableDataset):
                 log.debug("skipped %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
 
     def _collate(self, batch: list[Any]) -> Any:
-        return (self.collate or default_collate)(batch)
+        if self.collate is not None:
+            return self.collate(batch)
+        try:
+            return default_collate(batch)
+        except RuntimeError:
+            _raise_on_mixed_sizes(batch)
+            raise
+
+
+def _images_as_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+    """Without a transform, PIL images become uint8 C×H×W tensors (torchvision's PILToTensor layout)
+    so that batches collate; every other field keeps its decoded value."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    return {k: pil_to_tensor(v) if isinstance(v, Image.Image) else v for k, v in sample.items()}
+
+
+def _raise_on_mixed_sizes(batch: list[Any]) -> None:
+    """A DataError naming the field whose tensors differ in shape within a batch, if one does."""
+    if not batch or not all(isinstance(s, dict) for s in batch):
+        return
+    for name, value in batch[0].items():
+        if not torch.is_tensor(value):
+            continue
+        other = next((s[name] for s in batch if torch.is_tensor(s.get(name)) and s[name].shape != value.shape), None)
+        if other is not None:
+            raise DataError(
+                f"field {name!r} holds tensors of shapes {tuple(value.shape)} and {tuple(other.shape)} in one batch; "
+                "pass a transform that gives one size, e.g. transform=SampleTransform(image=eval_transform(model)) "
+                "from zoo.data.transforms"
+            ) from None
+
+
+def _import_reader() -> None:
+    """Import the tar reader's modules in the main process, once: workers started every epoch then
+    inherit them instead of each importing them again (about 15 ms of CPU per worker per epoch)."""
+    import webdataset.tariterators  # noqa: F401
+
+
+def _send_tensors_by_name() -> None:
+    """In a worker: share batches through named shared memory, not one file descriptor per tensor passed
+    over a socket (the default), which costs the main process about twice as much per batch. Only this
+    worker's sending changes; where torch's shm manager cannot run, the default stays."""
+    import torch.multiprocessing as mp
+
+    if mp.get_sharing_strategy() == "file_system" or "file_system" not in mp.get_all_sharing_strategies():
+        return
+    mp.set_sharing_strategy("file_system")
+    try:
+        torch.empty(1).share_memory_()
+    except RuntimeError:
+        mp.set_sharing_strategy("file_descriptor")
 
 
 def _shuffled(samples: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -214,6 +317,7 @@ class Loader:
         self.skipped: Counter = Counter()
         self.total_skipped: Counter = Counter()
         self.samples_seen = 0
+        self.last_batch_samples = 0  # samples that went into the last batch's collate
         self._next_epoch = 0
 
     @property
@@ -226,6 +330,8 @@ class Loader:
     def __iter__(self) -> Iterator[Any]:
         self.stream.epoch = self._next_epoch
         self._next_epoch += 1
+        if self.num_workers:
+            _import_reader()
         dl = DataLoader(
             self.stream,
             batch_size=None,
@@ -235,12 +341,20 @@ class Loader:
         )
         skipped: Counter = Counter()
         seen = 0
+        reports: dict[int, WorkerReport] = {}
         for item in dl:
             if isinstance(item, WorkerReport):
                 skipped.update(item.skipped)
                 seen += item.samples
+                reports[item.worker] = item
                 continue
-            yield item
+            if isinstance(item, _WorkerFailure):
+                raise item.error
+            yield self._unwrapped(item)
+        leftover = [s for w in sorted(reports) for s in reports[w].leftover]  # worker order, not arrival order
+        for item in self.stream.leftover_batches(leftover, skipped) if leftover else ():
+            yield self._unwrapped(item)
+        seen -= skipped["dropped_last_batch"]
         self.skipped = skipped
         self.total_skipped.update(skipped)
         self.samples_seen += seen
@@ -250,6 +364,12 @@ class Loader:
                 self.stream.epoch, seen, sum(skipped.values()), ", ".join(f"{n} {r}" for r, n in skipped.most_common()),
             )
 
+    def _unwrapped(self, item: Any) -> Any:
+        if isinstance(item, _Collated):
+            self.last_batch_samples = item.samples
+            return item.batch
+        return item
+
     def samples_per_epoch(self) -> int | None:
         """Samples this rank yields per epoch, when known."""
         s = self.stream
@@ -258,6 +378,7 @@ class Loader:
         return None if self.size is None else self.size // s.world_size
 
     def __len__(self) -> int:
+        """Batches per epoch: with n samples on this rank, n // batch_size with drop_last, else ceil."""
         n = self.samples_per_epoch()
         if n is None:
             raise TypeError("length unknown: the shards have no sizes.json/_info.json/_stats.json; pass epoch_samples")
@@ -291,7 +412,10 @@ def loader(
     `urls`: `dir/train-{000..015}.tar`, a glob, or `::`-joined sources (with `weights`, one per
     source, in resampled mode). `fields`: required fields (samples lacking one are skipped and
     counted); `optional_fields`: decoded when present (None: all). `transform(sample_dict)` runs in
-    the workers. `shuffle`: shuffle-buffer size, and shard-order shuffling, 0 for neither.
+    the workers; without a transform (and collate), batched images become uint8 C×H×W tensors and
+    other fields collate as decoded (labels to a tensor, captions to a list). Batches span the
+    workers: per epoch and rank at most one batch is short, the last, dropped with `drop_last`.
+    `shuffle`: shuffle-buffer size, and shard-order shuffling, 0 for neither.
     `resampled=True` draws shards with replacement forever; `epoch_samples` then sets the virtual
     epoch. Ranks default to torch.distributed's. `index=True` gives every sample `__index__`, its
     position in the dataset (shard offset + position in the shard: the same in every epoch, on every

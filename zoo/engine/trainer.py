@@ -42,7 +42,7 @@ from zoo.engine.distributed import (
     shard_fsdp,
 )
 from zoo.errors import ConfigError, UnknownNameError, ZooError
-from zoo.progress import progress_bar
+from zoo.progress import progress
 from zoo.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,7 @@ class Trainer:
         self.result = RunResult(run_dir=self.run_dir, steps=self.step)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.main else open(os.devnull, "w")
         self.board = _tensorboard(self.run_dir / "tb") if self.main and cfg.output.tensorboard else None
-        self.bar = progress_bar(total=self.total, initial=self.step, desc=cfg.method.name, unit="step",
-                                **({} if self.main else {"disable": True}))
+        self.bar = progress(total=self.total, initial=self.step, desc=cfg.method.name, unit="step", quiet=not self.main)
         self.seen, self.dropped, self.accum = 0, 0, 0
         self.keys: set[str] = set()  # samples this rank trained on (the first KEYS_TRACKED), for the overlap check
         self.last_batch: dict[str, Any] | None = None
@@ -256,7 +255,7 @@ class Trainer:
     def _forward_backward(self, batch: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         n = self.method.batch_size(batch)
-        self.dropped += max(0, cfg.data.batch_size - n)  # samples a custom collate left out
+        self.dropped += max(0, self.loader.last_batch_samples - n)  # samples a custom collate left out
         if self.world > 1 and len(self.keys) < KEYS_TRACKED:
             self.keys.update(batch.get("__key__", ()))
         batch = _to_device(batch, self.device)
@@ -328,12 +327,14 @@ class Trainer:
             current = self.refresh_publishable()
             knn = self.online(current.backbone(), step) if self.main else None
         log_now = step % cfg.output.log_every == 0 or step == self.total or bool(knn)
+        line_now = self.bar.due()  # a progress line (no terminal) shows this step's values
         row: dict[str, float] = {}
-        if log_now or wanted:  # reading values off the device syncs: only when they are used
+        if log_now or wanted or line_now:  # reading values off the device syncs: only when they are used
             row = {"step": step, **self.now,
                    **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}, **(knn or {})}
+        img_per_s = self.seen * self.world / max(time.perf_counter() - self.t0, 1e-9)
         if log_now:
-            row["img_per_s"] = self.seen * self.world / max(time.perf_counter() - self.t0, 1e-9)
+            row["img_per_s"] = img_per_s
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
             self.result.metrics.append(row)
@@ -341,8 +342,9 @@ class Trainer:
                 for k, v in row.items():
                     if k != "step":
                         self.board.add_scalar(k, v, step)
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
-                                 **({"knn": f"{row['knn_top1']:.1f}"} if "knn_top1" in row else {}))
+        if log_now or line_now:
+            self.bar.set_postfix({"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "img/s": f"{img_per_s:.0f}",
+                                  **({"knn": f"{row['knn_top1']:.1f}"} if "knn_top1" in row else {})})
         self.bar.update(1)
         return row
 
@@ -396,7 +398,9 @@ class Trainer:
             done.update(rank_summary(self.method, self.seen, self.keys, self.world))
         final = self.refresh_publishable()  # every rank: a collective under FSDP
         if self.main and result.metrics and cfg.output.plots:
-            draw_plots(final, self.run_dir, result.metrics, self.last_batch)
+            pictures = draw_plots(final, self.run_dir, result.metrics, self.last_batch)
+            if cfg.output.tensorboard and pictures:
+                board_pictures(self.run_dir / "tb", pictures, self.step)
         if self.step >= self.total and self.main:
             result.evals = self.final_evals(final)
             result.published = publish_exports(final, cfg, self.step, result.evals, data=self.data_source)
@@ -478,7 +482,7 @@ class Trainer:
             urls, fields=spec.fields, optional_fields=spec.optional_fields, transform=prepare, collate=spec.collate,
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, resampled=cfg.data.resampled,
             epoch_samples=cfg.data.epoch_samples or (size if cfg.data.resampled else None), shuffle=cfg.data.shuffle,
-            seed=cfg.seed, drop_last=True, index=spec.index,
+            seed=cfg.seed, drop_last=spec.drop_last, index=spec.index,
         )
         return data, size
 
@@ -522,22 +526,38 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], batch: dict[str, Any] | None) -> None:
-    """plots/: one curve per logged metric, and the method's own pictures of the last batch."""
+def draw_plots(method, run_dir: Path, metrics: list[dict[str, Any]], batch: dict[str, Any] | None) -> list[Path]:
+    """plots/: one curve per logged metric, and the method's own pictures of the last batch (returned)."""
     from zoo.engine.plots import curve
 
     steps = [m["step"] for m in metrics]
     for key in sorted({k for m in metrics for k in m} - {"step"}):
         ys = [float(m.get(key, float("nan"))) for m in metrics]
         curve(steps, ys, run_dir / "plots" / f"{key}.png", title=f"{key} ({type(method).__name__})")
-    if batch is not None:
-        was = method.training
-        method.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                method.draw(batch, run_dir / "plots")
-        finally:
-            method.train(was)
+    if batch is None:
+        return []
+    was = method.training
+    method.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return [Path(p) for p in method.draw(batch, run_dir / "plots") or ()]
+    finally:
+        method.train(was)
+
+
+def board_pictures(folder: Path, pictures: Sequence[Path], step: int) -> None:
+    """The method's pictures as TensorBoard images (tag `plots/STEM`) at `step`, beside the scalars in `folder`."""
+    from zoo.engine.plots import PICTURE_SUFFIXES, image_pixels
+
+    board = _tensorboard(folder)  # the run's writer is closed with the loop: this adds one events file
+    if board is None:
+        return
+    try:
+        for path in pictures:
+            if path.suffix.lower() in PICTURE_SUFFIXES:
+                board.add_image(f"plots/{path.stem}", image_pixels(path), step, dataformats="HWC")
+    finally:
+        board.close()
 
 
 def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] | None = None,

@@ -34,7 +34,9 @@ import torch
 import torch.nn as nn
 
 from zoo.data.fields import FieldError, decode_field, field_of
-from zoo.data.shards import REMOTE_PREFIXES, decode_sample, expand_sources, iter_raw_samples, known_size, write_shards
+from zoo.data.reader import decode_sample, iter_raw_samples
+from zoo.data.shards import REMOTE_PREFIXES, expand_sources, known_size
+from zoo.data.writer import write_shards
 from zoo.data.transforms import named_captions
 from zoo.errors import DownloadError, UnknownNameError, ZooError
 from zoo.progress import progress

@@ -72,7 +72,7 @@ def materialize(name: str, split: str, n: int, *, root: str | Path, size: int = 
     n = min(int(n), meta.get("max_samples", {}).get(split, int(n)))
     folder = Path(root) / f"{name}-{split}-n{n}-{size}px-seed{seed}"
     if not (folder / "sizes.json").is_file():
-        from zoo.data.shards import write_shards
+        from zoo.data.writer import write_shards
 
         tmp = folder.with_name(f".{folder.name}.part-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
