@@ -14,6 +14,11 @@ import json
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+try:  # libjpeg-turbo without PIL's per-image overhead; optional at runtime, PIL decodes all without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - it is a dependency
+    simplejpeg = None
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 FIXED: dict[str, str] = {"cls": "label", "txt": "caption", "json": "meta", "seg.png": "mask", "npy": "array"}
 FIXED.update({ext: "image" for ext in IMAGE_EXTS})
@@ -64,7 +69,31 @@ _PIL_FORMATS = {"jpg": ("JPEG",), "jpeg": ("JPEG",), "png": ("PNG",), "webp": ("
                 "pgm": ("PPM",), "bmp": ("BMP",), "tif": ("TIFF",), "tiff": ("TIFF",)}
 
 
+# JPEG colour spaces whose simplejpeg RGB decode is pixel-identical to PIL's decode + convert("RGB")
+# (checked across qualities, 4:4:4/4:2:2/4:2:0/4:4:0/4:1:1, progressive, optimized, sizes 1..300).
+# CMYK differs (PIL converts CMYK->RGB itself); it and YCCK (also 4-channel CMYK) stay with PIL, as does any other.
+_SIMPLEJPEG_SPACES = ("YCbCr", "Gray", "RGB")
+
+
+def _jpeg_rgb(data: bytes):
+    """JPEG bytes decoded to an RGB image by simplejpeg, or None where PIL should decode them."""
+    if simplejpeg is None:
+        return None
+    try:
+        h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+        if space not in _SIMPLEJPEG_SPACES or (Image.MAX_IMAGE_PIXELS and h * w > Image.MAX_IMAGE_PIXELS):
+            return None  # PIL's colour handling, or its decompression-bomb warning/error
+        # accurate DCT and fancy upsampling (the defaults), as PIL; strict: any libjpeg warning goes to PIL
+        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False))
+    except Exception:  # not a JPEG, truncated, corrupt: PIL decodes or fails it exactly as before
+        return None
+
+
 def _image(data: bytes, mode: str | None, ext: str = ""):
+    if mode == "RGB" and ext in ("jpg", "jpeg"):
+        img = _jpeg_rgb(data)
+        if img is not None:
+            return img
     # the extension names the format, so PIL need not probe every plugin; a wrong one still fails clearly
     try:
         img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(ext))
