@@ -54,7 +54,7 @@ def evaluate(model: torch.nn.Module, data: dict[str, str], cache: Path) -> dict[
     return out
 
 
-def run_demo(out: str | Path = "zoo-demo", *, steps: int = 600, n_pretrain: int = 5000, seed: int = 0) -> dict[str, Any]:
+def run_demo(out: str | Path = "zoo-demo", *, steps: int = 320, n_pretrain: int = 5000, seed: int = 0) -> dict[str, Any]:
     """The whole demo; returns {"mae": {...}, "random": {...}, "pretrain": {...}}."""
     import zoo
     from zoo.engine.trainer import pretrain
