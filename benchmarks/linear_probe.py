@@ -7,7 +7,7 @@ scenes through the same ViT, and Gaussian mixtures with label noise (medium and 
 "x3" are the mean over three draws of the train subset. Last, one call at the demo's size (digits,
 cls and cls+avg variants, as `zoo.eval.protocols.evaluate` calls it), median of three.
 
-    python benchmarks/linear_probe.py                  # about 6 minutes on 2 cores
+    python benchmarks/linear_probe.py                  # about 7 minutes on 2 cores (the references take most)
     python benchmarks/linear_probe.py --skip-large     # without the 50k x 384 set (its reference takes minutes)
 """
 
@@ -135,10 +135,10 @@ def main() -> None:
         ("digits ViT-T random, cls", [digits_vit["cls"]]),
         ("digits ViT-T random, cls+avg", [digits_vit["cls+avg"]]),
         ("scenes ViT-T random, cls", [scenes_vit["cls"]]),
-        ("mixture, 20% label noise", [mixture(10_000, 2_000, 256, 50, 0.25, 0.2)]),
+        ("mixture (medium), 20% label noise", [mixture(10_000, 2_000, 256, 50, 0.25, 0.2)]),
     ]
     if not args.skip_large:
-        sets.append(("mixture, 20% label noise", [mixture(50_000, 10_000, 384, 20, 0.25, 0.2)]))
+        sets.append(("mixture (large), 20% label noise", [mixture(50_000, 10_000, 384, 20, 0.25, 0.2)]))
 
     cols = ("feature set", "N train", "D", "classes", "reference", "ref s", "old", "old s", "new", "new s", "new-ref")
     print(f"\nval top-1 (%) and seconds per call, {args.threads} threads\n")

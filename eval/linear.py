@@ -285,7 +285,7 @@ def _lbfgs_select(
     folds: int | None, seed: int, max_iter: int, row_extra: Mapping[str, object],
 ) -> tuple[dict[str, object], float, list[dict[str, object]]]:
     """L2 path per feature variant, selected on train only (highest smoothed held-out accuracy, then lowest
-    held-out loss); refit of the winner on all of train; val top-1."""
+    held-out loss); the winner's path re-run on all of train; its val top-1."""
     if not weight_decays:
         raise ZooError("the L-BFGS probe needs at least one weight decay in weight_decays")
     n = len(train_labels)
