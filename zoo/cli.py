@@ -319,7 +319,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         probe = linear_probe(xtr, ytr, xva, yva, epochs=args.epochs, seed=args.seed, solver=args.solver)
         res = probe.as_dict()
-        rows = [{"metric": f"heldout {r['features']} " + (f"wd={r['weight_decay']:g}" if 'weight_decay' in r else f"lr={r['lr']:g}") + f"", "value": f"{r['heldout_top1']:.2f}"} for r in probe.grid]
+        knob = lambda r: f"wd={r['weight_decay']:g}" if "weight_decay" in r else f"lr={r['lr']:g}"  # noqa: E731
+        rows = [{"metric": f"heldout {r['features']} {knob(r)}", "value": f"{r['heldout_top1']:.2f}"} for r in probe.grid]
         rows.append({"metric": f"VAL top1 ({probe.best['features']}, lr={probe.best['lr']:g})", "value": f"{probe.top1:.2f}"})
         record = {"linear_top1": round(probe.top1, 2)}
     return _finish_eval(args, rows, res, record, {"variants": variants})
