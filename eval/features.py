@@ -5,7 +5,8 @@ Pooling variants (computed together in one forward pass):
   `avg`      the mean patch token after the final norm
   `cls+avg`  both, concatenated
   `lastN`    the class tokens of the last N blocks (each normalised), concatenated (DINO)
-  `spacedN`  the class tokens of N evenly spaced blocks ending with the last (POA)
+  `spacedN`  the class tokens of N evenly spaced blocks ending with the last (POA; fewer when
+             the model is shallower, as POA's rule gives repeated blocks once)
 The cache key covers the model's weights, the shards (paths, sizes, mtimes), the transform and
 the variants, so a cache from another model or transform is never reused.
 """
@@ -58,7 +59,7 @@ def spaced_blocks(depth: int, n: int) -> list[int]:
 
 def _blocks_for(variant: str, depth: int) -> list[int]:
     n = int(re.sub(r"\D", "", variant))
-    if not 0 < n <= depth:
+    if n < 1 or (variant.startswith("last") and n > depth):
         raise ZooError(f"pooling {variant!r} needs 1..{depth} blocks for this model")
     return list(range(depth - n, depth)) if variant.startswith("last") else spaced_blocks(depth, n)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from zoo.errors import ZooError
+from zoo.errors import ConfigError, ZooError
 
 
 def _format_params(n: int | None) -> str:
@@ -172,10 +172,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from zoo.hub import make_card, publish, read_state_dict, read_untrusted_pickle
 
     src = Path(args.src)
+    if args.source_format == "poa":
+        if args.width is None or args.depth is None:
+            raise ConfigError("--from poa needs the sub-network's --width and --depth, e.g. --width 384 --depth 12 "
+                              "for ViT-S, 768 12 for ViT-B, 1024 24 for ViT-L")
+    elif args.width is not None or args.depth is not None:
+        raise ConfigError("--width/--depth choose a sub-network of an elastic checkpoint; add --from poa")
+    elif args.arch is None:
+        raise ConfigError("zoo convert needs --arch ARCH, the zoo architecture SRC holds (e.g. --arch "
+                          "vit_base_patch16_224), or --from poa for an official POA checkpoint")
     sd = read_untrusted_pickle(src) if args.trust_pickle else read_state_dict(src)
-    model = create_model(args.arch)
-    load_checked(model, fit_state_dict(sd, model), str(src), strict=not args.non_strict)
-    card = {"provenance": {"converted_from": src.name}}
+    if args.source_format == "poa":
+        from zoo.convert import poa_model
+
+        model = poa_model(sd, args.width, args.depth, arch=args.arch, head_dim=args.head_dim)
+        card = {"provenance": {"converted_from": src.name, "method": "poa"}, "elastic": model.elastic}
+    else:
+        model = create_model(args.arch)
+        load_checked(model, fit_state_dict(sd, model), str(src), strict=not args.non_strict)
+        card = {"provenance": {"converted_from": src.name}}
     if args.out.endswith(".safetensors"):
         meta = make_card(model, Path(args.out).stem, card)
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -612,7 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a checkpoint (e.g. official MAE .pth) to zoo safetensors")
     s.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
     s.add_argument("out", help="OUT.safetensors, or a name to publish in the zoo store (arch.tag)")
-    s.add_argument("--arch", required=True, help="zoo architecture, e.g. vit_base_patch16_224")
+    s.add_argument("--arch", help="zoo architecture, e.g. vit_base_patch16_224 (with --from poa: inferred)")
+    s.add_argument("--from", dest="source_format", choices=("poa",),
+                   help="poa: an official POA teacher_checkpoint.pth, cut to the sub-network --width x --depth")
+    s.add_argument("--width", type=int, help="with --from poa: embedding width, a multiple of the head size")
+    s.add_argument("--depth", type=int, help="with --from poa: number of blocks (evenly spaced over the intact ones)")
+    s.add_argument("--head-dim", type=int, default=64, help="with --from poa: the checkpoint's head size (POA: 64)")
     s.add_argument("--trust-pickle", action="store_true",
                    help="fully unpickle SRC (runs code from the file: only for files you trust)")
     s.add_argument("--non-strict", action="store_true", help="allow keys missing from the checkpoint")

@@ -439,13 +439,15 @@ class EvalConfig(_Section):
     train: str | None = None  # labelled shards (or 'builtin:digits'); no eval runs when train or val is unset
     val: str | None = None
     every: int = 0  # steps between online kNN evals; 0: only the final evaluation at the end
-    k: int = 20
+    k: int | list[int] = 20  # several (POA: [20, 10]): the first is the headline knn_top1, each is knn_top1_k{k}
     temperature: float = 0.07  # kNN vote temperature (DINO's T)
-    final: list[Literal["knn", "linear"]] = field(default_factory=lambda: ["knn"])  # on the final backbone, into the card
+    final: list[Literal["knn", "linear"]] = field(default_factory=lambda: ["knn"])  # on the final models, into their cards
+    linear_variants: list[str] | None = None  # features the final linear probe chooses among (default cls, cls+avg)
 
     def _check(self) -> None:
         self._require(self.every >= 0, "every", ">= 0")
-        self._require(self.k >= 1, "k", ">= 1")
+        ks = [self.k] if isinstance(self.k, int) else self.k
+        self._require(bool(ks) and all(v >= 1 for v in ks), "k", ">= 1 (one value or a non-empty list)")
         self._require(self.temperature > 0, "temperature", "> 0")
 
 

@@ -3,7 +3,8 @@
 `checkpoint_filter_fn`-style: foreign checkpoints (official MAE `models_mae.py`, official DINO
 training checkpoints and backbone releases, DDP-wrapped, timm) are unwrapped and their keys remapped
 into our modules; `load_checked` then refuses any dict that does not fit, naming the missing,
-unexpected and mis-shaped keys. The other way, `to_timm` and `timm_config` describe a zoo model as the
+unexpected and mis-shaped keys. Official POA checkpoints (one elastic ViT holding many sizes) are sliced into
+the plain ViT of a chosen width and depth (`poa_to_vit`, `poa_model`). The other way, `to_timm` and `timm_config` describe a zoo model as the
 timm model that loads its state dict unchanged.
 """
 
@@ -193,3 +194,131 @@ def timm_config(model: nn.Module) -> dict[str, Any] | None:
     if isinstance(model, VisionTransformer) and model.global_pool:
         fields["global_pool"] = model.global_pool  # informational, as timm's own exports write it
     return {**fields, "model_args": args, "pretrained_cfg": extra}
+
+
+# -- official POA checkpoints (alipay/POA, dinov2-based) -----------------------------------------------------
+# Its elastic layers wrap the plain ones one level down: `blocks.3.norm1.norm.weight`, `blocks.3.attn.qkv.linear.weight`,
+# `norm.norm.bias` (DynamicLayerNorm.norm, DynamicLinear.linear; DynamicConv2d.conv where a conv is elastic).
+POA_WRAPPERS = ("linear", "conv")
+POA_ELASTIC_MARK = "attn.qkv.linear.weight"
+POA_HEAD_DIM = 64  # `student.head_dim` of every official POA ViT config
+
+
+def _poa_key(key: str) -> str:
+    """An official POA backbone key under our intact-model name: wrapper levels and dinov2 block chunks removed."""
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2].isdigit():
+        del parts[1]  # dinov2's BlockChunk level: blocks.{chunk}.{block}.*
+    if len(parts) >= 3 and (parts[-2] in POA_WRAPPERS or (parts[-2] == "norm" and "norm" in parts[-3])):
+        del parts[-2]
+    return ".".join(parts)
+
+
+def poa_backbone(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The intact elastic ViT of an official POA teacher checkpoint (`{'teacher': sd}`, its `backbone.*`, or that
+    backbone already unwrapped) under zoo/timm names; heads and mask_token dropped."""
+    sd: Any = checkpoint
+    if isinstance(sd, Mapping) and isinstance(sd.get("teacher"), Mapping):
+        sd = sd["teacher"]
+    if not isinstance(sd, Mapping):
+        raise CheckpointMismatchError(f"checkpoint holds a {type(sd).__name__}, not POA's {{'teacher': state dict}}")
+    tensors = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith(BACKBONE_PREFIX) for k in tensors):
+        tensors = {k.removeprefix(BACKBONE_PREFIX): v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
+    if not any(k.endswith(POA_ELASTIC_MARK) for k in tensors):
+        sample = ", ".join(list(tensors)[:3]) or "no tensors"
+        raise CheckpointMismatchError(
+            f"not an official POA checkpoint: no elastic layers such as backbone.blocks.0.{POA_ELASTIC_MARK} "
+            f"(found {sample}). POA's teacher_checkpoint.pth holds {{'teacher': {{'backbone.*', 'dino_head.*'}}}}; "
+            "convert a plain ViT with `zoo convert SRC OUT --arch ARCH` instead"
+        )
+    return {_poa_key(k): v for k, v in tensors.items() if not k.startswith(MASKED_EMBED_KEYS + ("head.",))}
+
+
+def _poa_intact_dims(sd: Mapping[str, torch.Tensor], max_width: int | None, max_depth: int | None) -> tuple[int, int]:
+    """(D_max, L_max) of a POA backbone, checked against the caller's if given."""
+    if "cls_token" not in sd:
+        raise CheckpointMismatchError("POA checkpoint has no backbone.cls_token, so its width is unknown")
+    found = sd["cls_token"].shape[-1], max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1) + 1
+    for name, given, have in (("max_width", max_width, found[0]), ("max_depth", max_depth, found[1])):
+        if given is not None and given != have:
+            raise CheckpointMismatchError(f"{name}={given} does not match the checkpoint's intact model ({have}); "
+                                          f"leave {name} out to use the checkpoint's")
+    return found
+
+
+def poa_to_vit(
+    checkpoint_or_state_dict: Mapping[str, Any],
+    width: int,
+    depth: int,
+    *,
+    max_width: int | None = None,
+    max_depth: int | None = None,
+    head_dim: int = POA_HEAD_DIM,
+) -> dict[str, torch.Tensor]:
+    """The plain timm-layout ViT state dict of the (width, depth) sub-network of an official POA teacher
+    checkpoint: POA's own extraction (leading slices, `linspace` blocks, α = D_max / D folded into the Linear
+    weights) but keeping the final norm, which the official script drops by mistake."""
+    sd = poa_backbone(checkpoint_or_state_dict)
+    _poa_intact_dims(sd, max_width, max_depth)
+    return _poa_slice(sd, width, depth, head_dim)
+
+
+def _poa_slice(sd: Mapping[str, torch.Tensor], width: int, depth: int, head_dim: int) -> dict[str, torch.Tensor]:
+    from zoo.models.elastic import slice_vit_state_dict
+
+    return {k: v.detach().contiguous().clone() for k, v in slice_vit_state_dict(sd, width, depth, head_dim=head_dim).items()}
+
+
+def poa_vit_kwargs(sd: Mapping[str, torch.Tensor], width: int, depth: int, head_dim: int = POA_HEAD_DIM) -> dict[str, Any]:
+    """zoo `VisionTransformer` arguments of the (width, depth) sub-network of a POA backbone (`poa_backbone`)."""
+    proj = sd["patch_embed.proj.weight"]
+    patch, n_patches = proj.shape[-1], sd["pos_embed"].shape[1] - 1
+    side = int(round(n_patches**0.5))
+    if side * side != n_patches:
+        raise CheckpointMismatchError(f"POA pos_embed has {n_patches} patch positions, not a square grid")
+    max_width = proj.shape[0]
+    return dict(
+        img_size=side * patch, patch_size=patch, in_chans=proj.shape[1], embed_dim=width, depth=depth,
+        num_heads=width // head_dim, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / max_width,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, init_values=1e-5 if "blocks.0.ls1.gamma" in sd else None,
+        class_token=True, global_pool="token",
+    )
+
+
+def _poa_arch(kwargs: Mapping[str, Any]) -> str:
+    """The registered ViT whose shape the sub-network has, else one of its patch grid, else a standard one
+    (the card's arguments set every shape either way)."""
+    from zoo.models.vit import VIT_ARCHS
+
+    def grid(cfg: Mapping[str, Any]) -> tuple[int, int]:
+        return cfg.get("img_size", 224), cfg.get("patch_size", 16)
+
+    same_grid = [a for a, cfg in VIT_ARCHS.items() if grid(cfg) == grid(kwargs)]
+    exact = [a for a in same_grid if (VIT_ARCHS[a]["embed_dim"], VIT_ARCHS[a]["depth"]) == (kwargs["embed_dim"], kwargs["depth"])]
+    return (exact or same_grid or [TIMM_VIT_FALLBACK])[0]
+
+
+def poa_model(
+    checkpoint_or_state_dict: Mapping[str, Any],
+    width: int,
+    depth: int,
+    *,
+    arch: str | None = None,
+    max_width: int | None = None,
+    max_depth: int | None = None,
+    head_dim: int = POA_HEAD_DIM,
+) -> nn.Module:
+    """The (width, depth) sub-network of an official POA teacher checkpoint as a zoo ViT, ready for
+    `zoo.publish(model, name, {"elastic": model.elastic, ...})`; `arch` names it (default: inferred)."""
+    from zoo.factory import create_model
+    from zoo.models.elastic import elastic_card
+
+    sd = poa_backbone(checkpoint_or_state_dict)
+    intact_width, intact_depth = _poa_intact_dims(sd, max_width, max_depth)
+    weights = _poa_slice(sd, width, depth, head_dim)
+    kwargs = poa_vit_kwargs(sd, width, depth, head_dim)
+    model = create_model(arch or _poa_arch(kwargs), **kwargs)
+    load_checked(model, weights, "POA checkpoint", strict=True)
+    model.elastic = elastic_card(width, depth, intact_width, intact_depth)
+    return model

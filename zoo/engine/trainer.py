@@ -61,7 +61,8 @@ class RunResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     published: dict[str, Path] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
-    evals: dict[str, dict[str, float]] = field(default_factory=dict)
+    evals: dict[str, dict[str, float]] = field(default_factory=dict)  # the backbone's: {task: {metric: value}}
+    export_evals: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # {published name: {task: ...}}
 
 
 def build_method(cfg) -> torch.nn.Module:
@@ -203,7 +204,8 @@ class Trainer:
         if cfg.eval.every and cfg.eval.train and cfg.eval.val:
             from zoo.eval.online import OnlineKNN
 
-            self.online = OnlineKNN(*self._eval_data(), every=cfg.eval.every, k=cfg.eval.k,
+            k = cfg.eval.k if isinstance(cfg.eval.k, int) else cfg.eval.k[0]
+            self.online = OnlineKNN(*self._eval_data(), every=cfg.eval.every, k=k,
                                     temperature=cfg.eval.temperature)
         self.result = RunResult(run_dir=self.run_dir, steps=self.step)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.main else open(os.devnull, "w")
@@ -402,29 +404,42 @@ class Trainer:
             if cfg.output.tensorboard and pictures:
                 board_pictures(self.run_dir / "tb", pictures, self.step)
         if self.step >= self.total and self.main:
-            result.evals = self.final_evals(final)
-            result.published = publish_exports(final, cfg, self.step, result.evals, data=self.data_source)
+            result.evals, result.export_evals = self.final_evals(final)
+            result.published = publish_exports(final, cfg, self.step, result.export_evals, data=self.data_source)
             done["eval"] = result.evals
+            if set(result.export_evals) - {cfg.output.publish}:
+                done["export_eval"] = result.export_evals
             done["published"] = {k: str(v) for k, v in result.published.items()}
             (self.run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
         if self.owns_group:
             torch.distributed.destroy_process_group()
         return result
 
-    def final_evals(self, method) -> dict[str, dict[str, float]]:
-        """`eval.final` protocols on the final backbone: {task: {"knn_top1": ..., ...}}."""
+    def final_evals(self, method) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """`eval.final` protocols on the final backbone ({task: {"knn_top1": ..., ...}}) and on every model
+        the method exports ({name: {task: ...}}; the backbone is evaluated once, whatever it is published as)."""
         cfg = self.cfg
         if not (cfg.eval.final and cfg.eval.train and cfg.eval.val):
-            return {}
+            return {}, {}
         from zoo.eval.protocols import evaluate
 
         train, val = self._eval_data()
         task = cfg.eval.val.removeprefix("builtin:") if cfg.eval.val.startswith("builtin:") else Path(val).parent.name
-        with torch.random.fork_rng(devices=[]):
-            res = evaluate(method.backbone(), train, val, protocols=cfg.eval.final, k=cfg.eval.k,
-                           temperature=cfg.eval.temperature, desc=f"final eval {task}")
-        log.info("final eval on %s: %s", task, res)
-        return {task: {k: round(v, 2) for k, v in res.items()}}
+
+        def run(model, what: str) -> dict[str, dict[str, float]]:
+            with torch.random.fork_rng(devices=[]):
+                res = evaluate(model, train, val, protocols=cfg.eval.final, k=cfg.eval.k, temperature=cfg.eval.temperature,
+                               linear_variants=cfg.eval.linear_variants, desc=f"final eval {task} ({what})")
+            log.info("final eval of %s on %s: %s", what, task, res)
+            return {task: {k: round(v, 2) for k, v in res.items()}}
+
+        backbone = method.backbone()
+        main = run(backbone, "backbone")
+        per_export = {}
+        if cfg.output.publish:
+            for name, export in checked_exports(method, cfg).items():
+                per_export[name] = main if export.model is backbone else run(export.model, name)
+        return main, per_export
 
     # -- set-up pieces ------------------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -560,10 +575,10 @@ def board_pictures(folder: Path, pictures: Sequence[Path], step: int) -> None:
         board.close()
 
 
-def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] | None = None,
+def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, dict[str, float]]] | None = None,
                     data: str | None = None) -> dict[str, Path]:
     """Publish every model the method exports for `output.publish`, each under its full name, with
-    the final evals in the main model's card."""
+    its own final evals (`evals`: {name: {task: results}}) in its card."""
     from zoo.hub import publish
 
     if not cfg.output.publish:
@@ -571,8 +586,8 @@ def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, float]] 
     out = {}
     for name, export in checked_exports(method, cfg).items():
         card = {"recipe": cfg.method.name, "data": data or cfg.data.train, "steps": steps, **export.card}
-        if name == cfg.output.publish and evals:
-            card["eval"] = evals
+        if evals and evals.get(name):
+            card["eval"] = evals[name]
         out[name] = publish(export.model, name, card, overwrite=True)
     return out
 
