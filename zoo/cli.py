@@ -1,10 +1,11 @@
-"""The `zoo` command: list and inspect models, convert checkpoints."""
+"""The `zoo` command: list and inspect models, convert checkpoints, extract elastic sub-networks."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,14 +51,17 @@ def model_rows(pattern: str | None = None, pretrained: bool = False) -> list[dic
         prov = card.get("provenance", {})
         rows.append(
             dict(name=name, params=_format_params(card.get("params")), source="store", recipe=prov.get("recipe") or "-",
-                 eval=_format_eval(card.get("eval", {})))
+                 eval=_format_eval(card.get("eval", {})), elastic=card.get("elastic"))
         )
+    rows.sort(key=_family_key)
     for entry in WEIGHTS:
         if pattern is None or entry.name in WEIGHTS.names(pattern):
-            rows.append(dict(name=entry.name, params="-", source=entry.meta.get("source", "remote"), recipe="-", eval="-"))
+            rows.append(dict(name=entry.name, params="-", source=entry.meta.get("source", "remote"), recipe="-", eval="-",
+                             elastic=None))
     if not pretrained:
         for arch in list_models(pattern):
-            rows.append(dict(name=arch, params=_format_params(count_params(arch)), source="arch (random init)", recipe="-", eval="-"))
+            rows.append(dict(name=arch, params=_format_params(count_params(arch)), source="arch (random init)", recipe="-",
+                             eval="-", elastic=None))
     return rows
 
 
@@ -69,8 +73,34 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
     else:
-        print_table(rows, ["name", "params", "source", "recipe", "eval"])
+        shown = [{**r, "recipe": f"{r['recipe']} ({label})"} if (label := _elastic_label(r["elastic"])) else r
+                 for r in rows]
+        print_table(shown, ["name", "params", "source", "recipe", "eval"])
     return 0
+
+
+def _elastic_label(elastic: dict[str, Any] | None) -> str | None:
+    """What `zoo list` adds to an elastic model's recipe: 'intact w128 d6' or 'w64 d3 of w128 d6'."""
+    if not isinstance(elastic, dict) or "width" not in elastic or "depth" not in elastic:
+        return None
+    size = f"w{elastic['width']} d{elastic['depth']}"
+    if "parent_width" not in elastic:  # the intact model, its card holding the trained space
+        return f"intact {size}"
+    label = f"{size} of w{elastic['parent_width']} d{elastic.get('parent_depth', '?')}"
+    return label + (", untrained" if elastic.get("trained") is False else "")
+
+
+def _family_key(row: dict[str, Any]) -> tuple:
+    """Sort key of a store row: by name, except that an elastic model's extracted sizes follow their intact
+    model, smallest first (plain name order would put e.g. NAME2 between NAME and NAME_w64_d3)."""
+    from zoo.hub import NAME_RE
+
+    elastic = row.get("elastic")
+    if not isinstance(elastic, dict) or "parent_width" not in elastic:
+        return (row["name"], 0, 0, 0, row["name"])
+    parent = str(elastic.get("parent") or "")  # a store name, or a folder / run directory: then the name's stem
+    family = parent if NAME_RE.match(parent) else re.sub(r"_w\d+_d\d+$", "", row["name"])
+    return (family, 1, elastic.get("width") or 0, elastic.get("depth") or 0, row["name"])
 
 
 def info_record(name: str) -> dict[str, Any]:
@@ -200,6 +230,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
     else:
         print(f"published {publish(model, args.out, card, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from zoo.hub import read_card
+    from zoo.tools.extract import extract_and_publish
+
+    path = extract_and_publish(args.source, args.width, args.depth, name=args.name, root=args.root,
+                               overwrite=args.overwrite)
+    elastic = read_card(path)["elastic"]
+    print(f"published {path.name} (w{args.width} d{args.depth}, blocks {elastic['block_ids']} of {elastic['parent']}) "
+          f"-> {path}")
     return 0
 
 
@@ -638,6 +680,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--non-strict", action="store_true", help="allow keys missing from the checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing published model")
     s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("extract", help="publish a width x depth sub-network of an intact POA model, without retraining")
+    s.add_argument("source", help="an intact POA model (a published name or folder) or a POA run directory (runs/...: "
+                                  "its latest checkpoint)")
+    s.add_argument("--width", type=int, required=True, help="embedding width, a multiple of the head size")
+    s.add_argument("--depth", type=int, required=True, help="number of blocks (evenly spaced over the intact ones)")
+    s.add_argument("--name", help="name to publish under (default SOURCE_wW_dL; for a run: its output.publish_wW_dL)")
+    s.add_argument("--root", help="publish into this folder instead of the zoo store")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing published model")
+    s.set_defaults(fn=cmd_extract)
 
     s = sub.add_parser("demo", help="the main job on built-in data: pretrain MAE, publish, reload, evaluate")
     s.add_argument("--out", default="zoo-demo", help="folder for the shards, the run and results.json")
