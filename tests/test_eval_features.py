@@ -29,6 +29,34 @@ def shards(tmp_path):
 def test_spaced_blocks_follow_poa():
     assert F.spaced_blocks(12, 4) == [3, 6, 9, 11]
     assert F.spaced_blocks(6, 1) == [5]
+    assert F.spaced_blocks(3, 4) == [1, 2]  # shallower than 4 (a small POA size): POA's rule repeats blocks once
+
+
+def test_spaced_pooling_on_a_model_shallower_than_n_and_last_n_refused(shards):
+    model = zoo.create_model("vit_nano_patch4_32", depth=3)
+    feats, _ = F.extract_features(model, shards, variants=("spaced4",), transform=to_tensor, batch_size=8)
+    assert feats["spaced4"].shape == (20, 2 * 128)
+    with pytest.raises(ZooError, match="1..3 blocks"):
+        F.extract_features(model, shards, variants=("last4",), transform=to_tensor)
+
+
+def test_evaluate_reports_each_k_and_probes_the_chosen_variants(shards, monkeypatch):
+    from zoo.eval import protocols
+
+    seen, real = {}, protocols.linear_probe
+
+    def probe(train, train_labels, val, val_labels, **kw):
+        seen["variants"] = sorted(train)
+        return real(train, train_labels, val, val_labels, **kw)
+
+    monkeypatch.setattr(protocols, "linear_probe", probe)
+    model = zoo.create_model("vit_nano_patch4_32")
+    out = protocols.evaluate(model, shards, shards, k=(5, 3), linear_variants=("cls", "spaced2"))
+    assert set(out) == {"knn_top1", "knn_top1_k3", "linear_top1"} and seen["variants"] == ["cls", "spaced2"]
+    single = protocols.evaluate(model, shards, shards, k=5, protocols=("knn",))
+    assert single == {"knn_top1": out["knn_top1"]}  # the first k is the headline number
+    with pytest.raises(ZooError, match="k >= 1"):
+        protocols.evaluate(model, shards, shards, k=(), protocols=("knn",))
 
 
 def test_variants_shapes_and_values(shards):

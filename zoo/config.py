@@ -439,7 +439,7 @@ class EvalConfig(_Section):
     train: str | None = None  # labelled shards (or 'builtin:digits'); no eval runs when train or val is unset
     val: str | None = None
     every: int = 0  # steps between online kNN evals; 0: only the final evaluation at the end
-    k: int | list[int] = 20  # several (POA: [20, 10]): the first is the headline knn_top1, each is knn_top1_k{k}
+    k: int | list[int] = 20  # several (POA: [20, 10]): knn_top1 at the first, knn_top1_k{k} at the others
     temperature: float = 0.07  # kNN vote temperature (DINO's T)
     final: list[Literal["knn", "linear"]] = field(default_factory=lambda: ["knn"])  # on the final models, into their cards
     linear_variants: list[str] | None = None  # features the final linear probe chooses among (default cls, cls+avg)

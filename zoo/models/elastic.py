@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale
+from timm.layers import DropPath
 from torch import Tensor
 
 from zoo.errors import CheckpointMismatchError, ConfigError
-from zoo.models.vit import VisionTransformer
+from zoo.models.vit import VisionTransformer, vit_kwargs
 
 # Block parameters sliced to their leading D entries (LayerNorms, LayerScale, output biases of width D).
 _BLOCK_LEADING = frozenset({
@@ -152,28 +152,7 @@ def sliced_state_dict(vit: VisionTransformer, width: int, depth: int) -> dict[st
 
 def sub_kwargs(vit: VisionTransformer, width: int, depth: int) -> dict[str, Any]:
     """`VisionTransformer` arguments of the (width, depth) sub-network of `vit` (its other settings kept)."""
-    c, h, _ = vit.pretrained_cfg["input_size"]
-    blk = vit.blocks[0]
-    return dict(
-        img_size=h,
-        patch_size=vit.patch_embed.patch_size[0],
-        in_chans=c,
-        num_classes=vit.num_classes,
-        global_pool=vit.global_pool,
-        embed_dim=width,
-        depth=depth,
-        num_heads=width // blk.attn.head_dim,
-        mlp_ratio=blk.mlp.fc1.out_features / vit.embed_dim,
-        qkv_bias=blk.attn.qkv.bias is not None,
-        init_values=blk.ls1.init_values if isinstance(blk.ls1, LayerScale) else None,
-        class_token=vit.cls_token is not None,
-        pos_embed=vit.pos_embed_type,
-        drop_rate=vit.pos_drop.p,
-        attn_drop_rate=blk.attn.attn_drop,
-        drop_path_rate=max(getattr(b.drop_path1, "drop_prob", 0.0) for b in vit.blocks),
-        mean=tuple(vit.pretrained_cfg["mean"]),
-        std=tuple(vit.pretrained_cfg["std"]),
-    )
+    return {**vit_kwargs(vit), "embed_dim": width, "depth": depth, "num_heads": width // vit.blocks[0].attn.head_dim}
 
 
 def elastic_card(width: int, depth: int, max_width: int, max_depth: int) -> dict[str, Any]:

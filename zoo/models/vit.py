@@ -422,8 +422,8 @@ for _name, _cfg in VIT_ARCHS.items():
     MODELS.register(_name, _vit_factory(_cfg), family="vit", defaults=dict(_cfg))
 
 
-def timm_kwargs(model: VisionTransformer) -> dict[str, Any]:
-    """Constructor arguments of timm's `VisionTransformer` with the same parameters and forward."""
+def vit_kwargs(model: VisionTransformer) -> dict[str, Any]:
+    """The zoo `VisionTransformer` arguments that build a model of `model`'s shape and settings."""
     c, h, _ = model.pretrained_cfg["input_size"]
     blk = model.blocks[0]
     return dict(
@@ -439,8 +439,20 @@ def timm_kwargs(model: VisionTransformer) -> dict[str, Any]:
         qkv_bias=blk.attn.qkv.bias is not None,
         init_values=blk.ls1.init_values if isinstance(blk.ls1, LayerScale) else None,
         class_token=model.cls_token is not None,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        pos_embed=model.pos_embed_type,
+        drop_rate=model.pos_drop.p,
+        attn_drop_rate=blk.attn.attn_drop,
+        drop_path_rate=max(getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks),
+        mean=tuple(model.pretrained_cfg["mean"]),
+        std=tuple(model.pretrained_cfg["std"]),
     )
 
 
-__all__ = ["VisionTransformer", "Block", "Attention", "drop_path_packed", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs"]
+def timm_kwargs(model: VisionTransformer) -> dict[str, Any]:
+    """Constructor arguments of timm's `VisionTransformer` with the same parameters and forward."""
+    zoo_only = ("pos_embed", "drop_rate", "attn_drop_rate", "drop_path_rate", "mean", "std")
+    args = {k: v for k, v in vit_kwargs(model).items() if k not in zoo_only}
+    return {**args, "norm_layer": partial(nn.LayerNorm, eps=1e-6)}
+
+
+__all__ = ["VisionTransformer", "Block", "Attention", "drop_path_packed", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs", "vit_kwargs"]
