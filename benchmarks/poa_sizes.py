@@ -9,7 +9,7 @@ extraction (what POA's training is for: such slices should be near chance), and 
 Every model gets kNN (k=20, T=0.07) and the linear probe (class token / + mean patch / 4 spaced blocks)
 on digits val and fractals val.
 
-    python benchmarks/poa_sizes.py --seeds 0 1        # the table in the README; about 50 min on 2 cores
+    python benchmarks/poa_sizes.py --seeds 0 1        # the table in the README; about an hour on 2 cores
 
 Prints a markdown table (mean ± std over seeds) and writes results.json and poa_sizes.png (accuracy vs
 parameters, POA's figure) to --out.
