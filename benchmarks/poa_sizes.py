@@ -35,7 +35,8 @@ POA_ONLY = ("widths", "depths", "net_select_scale", "elastic_per_step", "intact_
 
 def twin_recipe(width: int, depth: int, head_dim: int) -> dict:
     """The POA CPU recipe as a DINO run of one size: POA's own keys dropped, one head of POA's largest
-    prototype count, the same Sinkhorn-Knopp targets, crops, optimizer and schedules."""
+    prototype count, the same Sinkhorn-Knopp targets, crops, optimizer and schedules (the teacher momentum
+    ends at DINO's 1, not POA's 0.9999: the README's table was made so)."""
     from zoo.config import installed_recipes
     import yaml
 

@@ -341,7 +341,8 @@ class DINO(Method):
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: float = 30,
-        momentum_teacher: float = 0.996,  # cosine to 1 over the run
+        momentum_teacher: float = 0.996,  # cosine to momentum_teacher_end over the run
+        momentum_teacher_end: float = 1.0,
         centering: Literal["center", "sinkhorn_knopp"] = "center",
         center_momentum: float = 0.9,
         dino_weight: float = 1.0,
@@ -377,7 +378,7 @@ class DINO(Method):
         head_args = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=head_layers,
                          norm_last_layer=norm_last_layer)
         ibot_head = DINOHead(dim, out_dim, **head_args) if separate_ibot_head else None
-        self.student = Network(backbone, DINOHead(dim, out_dim, **head_args), ibot_head)
+        self.student = Network(backbone, self.projection_head(dim, out_dim, **head_args), ibot_head)
         self.teacher = self.freeze(ema_copy(self.student))  # state: it stays in checkpoints
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # the student's; the exported ViT has none
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -389,16 +390,23 @@ class DINO(Method):
                           local_size=local_crops_size, blur=tuple(blur), solarize=tuple(solarize))
         self.student_temp, self.centering, self.center_momentum = student_temp, centering, center_momentum
         self.teacher_temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
-        self.momentum_teacher, self.freeze_last_layer = momentum_teacher, freeze_last_layer
+        self.momentum_teacher, self.momentum_teacher_end = momentum_teacher, momentum_teacher_end
+        self.freeze_last_layer = freeze_last_layer
         self.weights = {"dino": dino_weight, "ibot": ibot_weight, "koleo": koleo_weight}
         self.mask_probability, self.mask_ratio = mask_probability, tuple(mask_ratio)
         self.pack_crops = pack_crops
 
+    def projection_head(self, dim: int, out_dim: int, **head_args: Any) -> nn.Module:
+        """The student's projection head on `dim`-wide features (the teacher's is its EMA copy): one DINOHead;
+        POA overrides it with its multiple heads."""
+        return DINOHead(dim, out_dim, **head_args)
+
     # -- the Method contract ---------------------------------------------------------------------
     def schedules(self) -> dict[str, Schedule]:
-        """DINO's teacher momentum (cosine to 1) and teacher temperature (linear warmup, then constant)."""
+        """DINO's teacher momentum (cosine to `momentum_teacher_end`, 1 by default) and teacher temperature (linear
+        warmup, then constant)."""
         warm_from, temp, warm_epochs = self.teacher_temps
-        return {"momentum": cosine_momentum(self.momentum_teacher, 1.0),
+        return {"momentum": cosine_momentum(self.momentum_teacher, self.momentum_teacher_end),
                 "teacher_temp": Schedule(temp, shape="constant", warmup_epochs=warm_epochs, warmup_from=warm_from)}
 
     def data_spec(self) -> DataSpec:

@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.data.pipeline import dist_info
-from zoo.engine.ema import ema_copy
 from zoo.errors import ConfigError
 from zoo.models.elastic import check_size, elastic_card, elastic_forward_features_list, extract
 from zoo.recipes.base import Export
@@ -83,9 +82,8 @@ class MultiHead(nn.Module):
         alpha = self.in_dim / width
         out = []
         for h in self.heads:
-            name, w = next(iter(h.mlp.named_parameters())) if isinstance(h.mlp, nn.Sequential) else ("weight", h.mlp.weight)
-            key = f"mlp.{name}"
-            out.append(torch.func.functional_call(h, {key: w[:, :width] * alpha}, (x,), strict=False))
+            name, w = next(iter(h.mlp.named_parameters()))  # the first Linear's weight (`0.weight`, or `weight`)
+            out.append(torch.func.functional_call(h, {f"mlp.{name}": w[:, :width] * alpha}, (x,), strict=False))
         return out
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
@@ -142,7 +140,12 @@ class POA(DINO):
                               "is DINO's, use the dino recipe for it")
         if not out_dims:
             raise ConfigError("poa: out_dims needs at least one prototype count, e.g. [8192, 16384, 32768, 65536]")
-        super().__init__(arch, out_dim=int(out_dims[0]), centering=centering, momentum_teacher=momentum_teacher, **kwargs)
+        if kwargs.get("separate_ibot_head"):
+            raise ConfigError("poa: iBOT shares the projection heads (separate_ibot_head: false)")
+        self.out_dims = [int(k) for k in out_dims]  # read by `projection_head` while DINO builds the student
+        super().__init__(arch, out_dim=self.out_dims[0], centering=centering, momentum_teacher=momentum_teacher,
+                         momentum_teacher_end=momentum_teacher_end, **kwargs)
+        del self.center, self.patch_center  # Sinkhorn-Knopp needs no running center
         vit = self.student.backbone
         if not widths or not depths:
             raise ConfigError(f"poa: give the elastic space, widths and depths (e.g. widths: "
@@ -163,29 +166,18 @@ class POA(DINO):
         self.export_sizes = [(int(w), int(d)) for w, d in export_sizes]
         for w, d in self.export_sizes:
             check_size(vit, w, d)
-        # MPH replaces DINO's single head; the teacher is the EMA copy of the student with its heads.
-        head = self.student.head
-        head_args = dict(hidden_dim=head.mlp[0].out_features if isinstance(head.mlp, nn.Sequential) else 0,
-                         bottleneck_dim=head.last_layer.in_features,
-                         nlayers=sum(isinstance(m, nn.Linear) for m in head.mlp.modules()),
-                         norm_last_layer=not head.last_layer.parametrizations.weight.original0.requires_grad)
-        if self.student.ibot_head is not None:
-            raise ConfigError("poa: iBOT shares the projection heads (separate_ibot_head: false)")
-        self.student.head = MultiHead(vit.embed_dim, [int(k) for k in out_dims], **head_args)
-        self._frozen.pop(id(self.teacher), None)
-        self.teacher = self.freeze(ema_copy(self.student))
-        del self.center, self.patch_center  # Sinkhorn-Knopp needs no running center
         self.elastic_per_step, self.intact_weight = int(elastic_per_step), float(intact_weight)
         self.ibot_start_epoch, self.pool_seed = float(ibot_start_epoch), int(pool_seed)
-        self.momentum_teacher_end = float(momentum_teacher_end)
-        self.out_dims = [int(k) for k in out_dims]
+
+    def projection_head(self, dim: int, out_dim: int, **head_args: Any) -> nn.Module:
+        """POA's multiple projection heads (MPH), one per prototype count in `out_dims`, in place of DINO's one."""
+        return MultiHead(dim, self.out_dims, **head_args)
 
     # -- schedules ------------------------------------------------------------------------------------
     def schedules(self) -> dict[str, Schedule]:
         """DINO's (teacher temperature warmup; momentum cosine to `momentum_teacher_end`) and the iBOT gate:
         0 during its warmup (`ibot_start_epoch` epochs), then 1; iBOT runs once it reaches 1."""
         out = super().schedules()
-        out["momentum"] = Schedule(self.momentum_teacher, self.momentum_teacher_end, shape="cosine")
         out["ibot_active"] = Schedule(1.0, shape="constant", warmup_epochs=self.ibot_start_epoch, warmup_from=0.0)
         return out
 

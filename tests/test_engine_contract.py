@@ -309,6 +309,32 @@ def test_final_knn_goes_into_the_card_and_done_json(shards, tmp_path, isolated_z
         ["digits-train-n200-32px-seed0", "digits-val-n200-32px-seed0"]
 
 
+def test_final_evals_run_once_on_the_backbone_and_on_each_other_exported_image_backbone(monkeypatch):
+    """POA exports several sizes: each is evaluated into its own card; the backbone is not evaluated twice,
+    whatever name it is published under, and a model that is not an image backbone (a whole CLIP) is skipped."""
+    from types import SimpleNamespace
+
+    from zoo.engine.contract import Export
+
+    calls = []
+
+    def fake_evaluate(model, train, val, **kw):
+        calls.append(model)
+        return {"knn_top1": float(len(calls))}
+
+    monkeypatch.setattr("zoo.eval.protocols.evaluate", fake_evaluate)
+    backbone, small = zoo.create_model("vit_nano_patch4_32", **TINY), zoo.create_model("vit_nano_patch4_32", depth=1)
+    method = SimpleNamespace(backbone=lambda: backbone)
+    cfg = load_config(recipe("unused", eval={"train": "builtin:digits", "val": "builtin:digits", "final": ["knn"]}))
+    trainer = SimpleNamespace(cfg=cfg, _eval_data=lambda: ("train", "val"))
+    exports = {"vit_nano_patch4_32.a": Export(backbone), "vit_nano_patch4_32.a_small": Export(small),
+               "clip_nano_patch4_32.a": Export(nn.Linear(2, 2))}
+    main, per_export = Trainer.final_evals(trainer, method, exports)
+    assert calls == [backbone, small]
+    assert main == {"digits": {"knn_top1": 1.0}}
+    assert per_export == {"vit_nano_patch4_32.a": main, "vit_nano_patch4_32.a_small": {"digits": {"knn_top1": 2.0}}}
+
+
 # ---------------------------------------------------------------- 6. export names
 
 

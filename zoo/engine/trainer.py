@@ -404,8 +404,10 @@ class Trainer:
             if cfg.output.tensorboard and pictures:
                 board_pictures(self.run_dir / "tb", pictures, self.step)
         if self.step >= self.total and self.main:
-            result.evals, result.export_evals = self.final_evals(final)
-            result.published = publish_exports(final, cfg, self.step, result.export_evals, data=self.data_source)
+            exports = checked_exports(final, cfg) if cfg.output.publish else {}
+            result.evals, result.export_evals = self.final_evals(final, exports)
+            result.published = publish_exports(final, cfg, self.step, result.export_evals, data=self.data_source,
+                                               exports=exports)
             done["eval"] = result.evals
             if set(result.export_evals) - {cfg.output.publish}:
                 done["export_eval"] = result.export_evals
@@ -415,9 +417,11 @@ class Trainer:
             torch.distributed.destroy_process_group()
         return result
 
-    def final_evals(self, method) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
-        """`eval.final` protocols on the final backbone ({task: {"knn_top1": ..., ...}}) and on every model
-        the method exports ({name: {task: ...}}; the backbone is evaluated once, whatever it is published as)."""
+    def final_evals(self, method, exports: dict[str, Export] | None = None
+                    ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """`eval.final` protocols on the final backbone ({task: {"knn_top1": ..., ...}}) and on every exported
+        image backbone ({name: {task: ...}}): the backbone is evaluated once, whatever it is published as; a
+        model without `forward_features` (a whole CLIP model) is left to its own protocols."""
         cfg = self.cfg
         if not (cfg.eval.final and cfg.eval.train and cfg.eval.val):
             return {}, {}
@@ -436,9 +440,11 @@ class Trainer:
         backbone = method.backbone()
         main = run(backbone, "backbone")
         per_export = {}
-        if cfg.output.publish:
-            for name, export in checked_exports(method, cfg).items():
-                per_export[name] = main if export.model is backbone else run(export.model, name)
+        for name, export in (exports or {}).items():
+            if export.model is backbone:
+                per_export[name] = main
+            elif hasattr(export.model, "forward_features"):
+                per_export[name] = run(export.model, name)
         return main, per_export
 
     # -- set-up pieces ------------------------------------------------------------------------------
@@ -476,7 +482,7 @@ class Trainer:
             raise ConfigError("no training data: give --data 'shards/{00000..00009}.tar', or set data.train "
                               "(or data.builtin: fractals | scenes | digits) in the recipe")
         backbone = method.backbone()
-        self.data_source = f"{source} (n={cfg.data.builtin_n})" if source.startswith("builtin:") else source
+        self.data_source = data_description(cfg)
         if self.main:
             urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
         self._barrier()  # rank 0 generates built-in shards first
@@ -575,16 +581,22 @@ def board_pictures(folder: Path, pictures: Sequence[Path], step: int) -> None:
         board.close()
 
 
+def data_description(cfg) -> str | None:
+    """What a run trained on, as cards record it: the shards, or `builtin:NAME (n=N)`."""
+    source = cfg.data.train or (f"builtin:{cfg.data.builtin}" if cfg.data.builtin else None)
+    return f"{source} (n={cfg.data.builtin_n})" if source and source.startswith("builtin:") else source
+
+
 def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, dict[str, float]]] | None = None,
-                    data: str | None = None) -> dict[str, Path]:
-    """Publish every model the method exports for `output.publish`, each under its full name, with
-    its own final evals (`evals`: {name: {task: results}}) in its card."""
+                    data: str | None = None, exports: dict[str, Export] | None = None) -> dict[str, Path]:
+    """Publish every model the method exports for `output.publish` (or `exports`, already checked), each
+    under its full name, with its own final evals (`evals`: {name: {task: results}}) in its card."""
     from zoo.hub import publish
 
     if not cfg.output.publish:
         return {}
     out = {}
-    for name, export in checked_exports(method, cfg).items():
+    for name, export in (exports if exports is not None else checked_exports(method, cfg)).items():
         card = {"recipe": cfg.method.name, "data": data or cfg.data.train, "steps": steps, **export.card}
         if evals and evals.get(name):
             card["eval"] = evals[name]
@@ -609,4 +621,4 @@ def checked_exports(method, cfg) -> dict[str, Export]:
     return exports
 
 
-__all__ = ["pretrain", "Trainer", "RunResult", "CheckpointError", "build_optimizer", "publish_exports", "checked_exports"]
+__all__ = ["pretrain", "Trainer", "RunResult", "CheckpointError", "build_optimizer", "publish_exports", "checked_exports", "data_description"]

@@ -104,7 +104,7 @@ def _elastic_space(source: str, card: dict[str, Any]) -> dict[str, Any]:
 def _from_run(run_dir: Path) -> Intact:
     from zoo.config import load_config
     from zoo.engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    from zoo.engine.trainer import build_method, fingerprint
+    from zoo.engine.trainer import build_method, data_description, fingerprint
     from zoo.recipes.poa import POA
     from zoo.registry import RECIPES
 
@@ -129,10 +129,8 @@ def _from_run(run_dir: Path) -> Intact:
     vit = method.backbone().eval()  # the EMA teacher's intact ViT, as POA exports it
     space = {"widths": list(method.widths), "depths": list(method.depths), "width": vit.embed_dim,
              "depth": len(vit.blocks)}
-    source = cfg.data.train or (f"builtin:{cfg.data.builtin}" if cfg.data.builtin else None)
-    data = f"{source} (n={cfg.data.builtin_n})" if source and source.startswith("builtin:") else source
-    provenance = {k: v for k, v in (("recipe", cfg.method.name), ("data", data), ("steps", int(state["step"])))
-                  if v is not None}
+    pairs = (("recipe", cfg.method.name), ("data", data_description(cfg)), ("steps", int(state["step"])))
+    provenance = {k: v for k, v in pairs if v is not None}
     resolved = run_dir.resolve()
     return Intact(vit, space, str(resolved), str(ckpt.resolve()), cfg.output.publish, provenance)
 
