@@ -4,7 +4,10 @@ The same JPEG bytes (built-in `scenes`, written once as an ImageFolder tree and 
 with the bytes passed through), the same transform, the same number of worker processes. The
 ceiling is the bare loop run in that many processes at once, measured (not one process times N):
 no loader, no batching, no IPC; it decodes as zoo's loader does, so a faster decoder lifts it too.
-CPU µs/img adds up every process (main and workers): steadier than img/s on a busy machine.
+Each loader is built once and iterated once per timed epoch (after a warm-up epoch), as a training loop
+does: zoo's workers persist across epochs; ImageFolder is timed with torch's default (workers started
+every epoch) and with persistent_workers=True. CPU µs/img adds up every process (main and workers):
+steadier than img/s on a busy machine (running workers' CPU is read from /proc).
 
     python benchmarks/data_loader.py --n 5000 --size 64 --workers 2
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import tempfile
@@ -32,6 +36,7 @@ from zoo.data.writer import folder_samples
 BARE_1 = "bare decode loop, 1 process"
 CEILING = "bare decode loop, N processes"
 FOLDER = "torchvision ImageFolder + DataLoader"
+FOLDER_P = "  the same, persistent_workers=True"
 ZOO = "zoo.data.loader (webdataset shards)"
 
 
@@ -56,18 +61,32 @@ def prepare(root: Path, n: int, size: int) -> tuple[Path, Path]:
     return folder, root / "shards"
 
 
-def bench_zoo(shards: Path, transform, batch: int, workers: int) -> int:
-    def tf(sample):
-        return {"image": transform(sample["image"]), "label": sample["label"]}
+class _ImageLabel:
+    """The benchmark's transform applied to a zoo sample (a class, so spawned workers can pickle it)."""
 
-    ld = loader(str(shards / "*.tar"), fields=("image", "label"), transform=tf, batch_size=batch,
-                num_workers=workers, shuffle=1000)
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample):
+        return {"image": self.transform(sample["image"]), "label": sample["label"]}
+
+
+def zoo_loader(shards: Path, transform, batch: int, workers: int):
+    """Built once and iterated once per timed epoch, as a training loop does (its workers persist)."""
+    return loader(str(shards / "*.tar"), fields=("image", "label"), transform=_ImageLabel(transform),
+                  batch_size=batch, num_workers=workers, shuffle=1000)
+
+
+def imagefolder_loader(folder: Path, transform, batch: int, workers: int, persistent: bool = False) -> DataLoader:
+    ds = datasets.ImageFolder(str(folder), transform=transform)
+    return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=persistent)
+
+
+def epoch_zoo(ld) -> int:
     return sum(len(b["label"]) for b in ld)
 
 
-def bench_imagefolder(folder: Path, transform, batch: int, workers: int) -> int:
-    ds = datasets.ImageFolder(str(folder), transform=transform)
-    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers)
+def epoch_imagefolder(dl: DataLoader) -> int:
     return sum(len(y) for _, y in dl)
 
 
@@ -102,10 +121,23 @@ def bench_bare(folder: Path, transform, processes: int) -> tuple[int, float]:
     return len(paths), time.perf_counter() - t
 
 
+def _live_children_cpu() -> float:
+    """CPU seconds so far of the child processes still running (persistent loader workers), from /proc."""
+    total = 0.0
+    for child in mp.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # not Linux, or it just exited (then RUSAGE_CHILDREN has it)
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
 def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (loader workers, bare-loop processes)."""
+    """CPU time of this process and its children: finished ones (workers started per epoch, bare-loop
+    processes) and running ones (persistent workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + _live_children_cpu()
 
 
 def timed(run) -> tuple[int, float, float]:
@@ -130,11 +162,17 @@ def main() -> None:
     transform = make_transform(args.crop)
     with tempfile.TemporaryDirectory() as tmp:
         folder, shards = prepare(Path(tmp), args.n, args.size)
+        # each loader is built once and iterated once per timed epoch, after one untimed warm-up epoch
+        folder_dl = imagefolder_loader(folder, transform, args.batch, args.workers)
+        folder_p = imagefolder_loader(folder, transform, args.batch, args.workers, persistent=args.workers > 0)
+        zoo_ld = zoo_loader(shards, transform, args.batch, args.workers)
+        epoch_imagefolder(folder_dl), epoch_imagefolder(folder_p), epoch_zoo(zoo_ld)
         runs = {
             BARE_1: lambda: bench_bare(folder, transform, 1),
             CEILING: lambda: bench_bare(folder, transform, args.workers),
-            FOLDER: lambda: bench_imagefolder(folder, transform, args.batch, args.workers),
-            ZOO: lambda: bench_zoo(shards, transform, args.batch, args.workers),
+            FOLDER: lambda: epoch_imagefolder(folder_dl),
+            FOLDER_P: lambda: epoch_imagefolder(folder_p),
+            ZOO: lambda: epoch_zoo(zoo_ld),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}
         cpus: dict[str, list[float]] = {name: [] for name in runs}

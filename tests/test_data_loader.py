@@ -226,6 +226,40 @@ def test_transform_randomness_is_seeded_and_leaves_training_rng_alone(tmp_path):
     assert first.unique().numel() == 20
 
 
+def _draws(s):
+    """Every random generator a transform may use, and the worker it ran in."""
+    import os
+    import random
+
+    return {"__key__": s["__key__"], "draw": torch.tensor([random.random(), float(np.random.rand()), float(torch.rand(1))]),
+            "pid": os.getpid()}
+
+
+def test_workers_persist_and_each_epoch_is_what_a_fresh_loader_gives(tmp_path):
+    write_shards(toy(40), tmp_path, maxcount=10)
+    pattern = str(tmp_path / "*.tar")
+
+    def make():
+        return loader(pattern, batch_size=4, num_workers=2, shuffle=8, seed=3, transform=_draws)
+
+    def epoch(ld):
+        batches = list(ld)
+        return ([k for b in batches for k in b["__key__"]], torch.cat([b["draw"] for b in batches]),
+                {int(p) for b in batches for p in b["pid"]})
+
+    ld = make()
+    keys0, draws0, pids0 = epoch(ld)
+    keys1, draws1, pids1 = epoch(ld)
+    assert len(pids0) == 2 and pids1 == pids0, "the workers were started again for the second epoch"
+    assert keys1 != keys0 and sorted(keys1) == sorted(keys0)
+    # a fresh loader set to epoch 1 (a resumed run) sees exactly what the persistent workers gave
+    resumed = make()
+    resumed.set_epoch(1)
+    keys_r, draws_r, pids_r = epoch(resumed)
+    assert keys_r == keys1 and torch.equal(draws_r, draws1) and not pids_r & pids0
+    assert not torch.equal(draws1, draws0)
+
+
 # -- resampled mode ------------------------------------------------------------------------------
 def test_resampled_virtual_epoch_and_source_weights(tmp_path):
     write_shards(toy(40), tmp_path / "a", maxcount=10)

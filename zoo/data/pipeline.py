@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -107,10 +108,18 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.offsets = offsets  # shard -> index of its first sample, when samples carry `__index__`
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64)  # moved to shared memory when workers start
         w = list(weights) if weights is not None else [1.0] * len(sources)
         # a source's weight is its share of samples drawn: spread it over its shards
         self.shard_weights = [w[i] / len(s) for i, s in enumerate(sources) for _ in s]
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     # -- which shards this worker reads --------------------------------------------------------
     def my_shards(self, worker: int, num_workers: int) -> list[str]:
@@ -284,8 +293,10 @@ def _shuffled(samples: Iterator[Any], bufsize: int, rng: random.Random) -> Itera
 def _torch_rng(seed: int, in_worker: bool):
     """Seed torch's RNG for transforms. In a worker process torch's RNG is ours alone; in the main
     process the stream is swapped in around each transform so training randomness is untouched."""
-    if in_worker:
+    if in_worker:  # every generator a transform may draw from, anew each epoch (workers persist across epochs)
         torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         yield None  # nothing to swap per sample
         return
     state = torch.Generator().manual_seed(seed).get_state()
@@ -319,6 +330,7 @@ class Loader:
         self.samples_seen = 0
         self.last_batch_samples = 0  # samples that went into the last batch's collate
         self._next_epoch = 0
+        self._dl: DataLoader | None = None
 
     @property
     def epoch(self) -> int:
@@ -330,15 +342,20 @@ class Loader:
     def __iter__(self) -> Iterator[Any]:
         self.stream.epoch = self._next_epoch
         self._next_epoch += 1
-        if self.num_workers:
-            _import_reader()
-        dl = DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(_seed_of(self.stream.seed, self.stream.epoch, "loader")),
-            persistent_workers=False,
-        )
+        if self._dl is None:
+            if self.num_workers:
+                _import_reader()
+                self.stream._epoch.share_memory_()  # the persistent workers read the epoch the main process sets
+            # Workers are started once and kept: each epoch they re-read the epoch and reseed from it, so an
+            # epoch's batches do not depend on the epochs before it (exact resume), and no epoch pays for a fork.
+            self._dl = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(_seed_of(self.stream.seed, "loader")),
+                persistent_workers=self.num_workers > 0,
+            )
+        dl = self._dl
         skipped: Counter = Counter()
         seen = 0
         reports: dict[int, WorkerReport] = {}
