@@ -23,7 +23,7 @@ from zoo.engine.contract import Export, Progress
 from zoo.errors import ConfigError, ZooError
 from zoo.schedule import Schedule
 
-__all__ = ["Method", "DataSpec", "Export", "Progress", "check_same_input", "check_vit_overrides"]
+__all__ = ["Method", "DataSpec", "Export", "Progress", "check_same_input", "check_vit_overrides", "recipes_publishing"]
 
 
 @dataclass
@@ -115,16 +115,21 @@ class Method(nn.Module):
         self._frozen[id(module)] = loaded_from
         return module
 
-    def load_frozen(self, name: str, *, like: nn.Module | None = None, **kwargs: Any) -> nn.Module:
-        """`zoo.load(name)` as a frozen part (a teacher, a language model); `like` checks that it sees
-        the same patch grid as that model."""
+    def load_frozen(self, name: str, *, like: nn.Module | None = None,
+                    convert: Callable[[nn.Module], nn.Module] | None = None, **kwargs: Any) -> nn.Module:
+        """`zoo.load(name)` as a frozen part (a teacher, a language model), through `convert` if given (e.g.
+        `zoo.convert.as_zoo_vit`); `like` checks that it sees the same patch grid as that model."""
         import zoo
         from zoo.errors import UnknownNameError
 
         try:
             model = zoo.load(name, **kwargs)
         except UnknownNameError as e:
-            raise ConfigError(f"{type(self).__name__}: cannot load the frozen model {name!r}: {e}") from None
+            makers = recipes_publishing(name)
+            hint = f"; make it with `zoo pretrain {makers[0]}`" if makers else ""
+            raise ConfigError(f"{type(self).__name__}: cannot load the frozen model {name!r}{hint}: {e}") from None
+        if convert is not None:
+            model = convert(model)
         if like is not None:
             check_same_input(model, like, f"{type(self).__name__}: frozen {name!r}")
         return self.freeze(model, loaded_from=name)
@@ -237,6 +242,23 @@ def check_vit_overrides(method: type, name: str, overrides: Mapping[str, Any]) -
             raise ConfigError(f"{name}: unknown argument {key!r} (neither a {name} argument nor a ViT argument)"
                               + (f"; did you mean {hint[0]!r}?" if hint else "")
                               + f" {name}'s arguments: {', '.join(own)}")
+
+
+def recipes_publishing(name: str) -> list[str]:
+    """The installed recipes whose run publishes `name` (output.publish), e.g. a teacher another recipe loads."""
+    import yaml
+
+    from zoo.config import installed_recipes
+
+    found = []
+    for recipe, path in installed_recipes().items():
+        try:
+            publish = (yaml.safe_load(Path(path).read_text()) or {}).get("output", {}).get("publish")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if publish == name:
+            found.append(recipe)
+    return found
 
 
 def check_same_input(model: nn.Module, like: nn.Module, what: str) -> None:

@@ -1,7 +1,8 @@
 """Every registered recipe, from its own CPU YAML with no --data (its built-in data): it trains, it
 learns (its loss ends below the same run's with learning switched off), it resumes after SIGKILL to
 the same weights, and every model it exports loads by its published name with the trained weights.
-The test grows by itself: a method registered with a `cpu_recipe` is in it."""
+The test grows by itself: a method registered with a `cpu_recipe` is in it (after the recipes its
+`prerequisites` names, e.g. the one that publishes its teacher, are run the same way)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def test_every_method_ships_a_cpu_recipe():
 @pytest.mark.parametrize("method", METHODS)
 def test_recipe_trains_learns_resumes_and_publishes(method, tmp_path):
     recipe = RECIPES.get(method).meta["cpu_recipe"]
+    for i, prerequisite in enumerate(RECIPES.get(method).meta.get("prerequisites", ())):  # e.g. a teacher to publish
+        pretrain(prerequisite, run_dir=tmp_path / f"prerequisite{i}", overrides=SMOKE)
     straight = pretrain(recipe, run_dir=tmp_path / "straight", overrides=SMOKE)
     losses = [m["loss"] for m in straight.metrics]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)

@@ -1,4 +1,4 @@
-"""The `zoo` command: list and inspect models, convert checkpoints, extract elastic sub-networks."""
+"""The `zoo` command: list and inspect models, convert checkpoints, extract elastic sub-networks, analyse attention."""
 
 from __future__ import annotations
 
@@ -208,15 +208,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
                               "for ViT-S, 768 12 for ViT-B, 1024 24 for ViT-L")
     elif args.width is not None or args.depth is not None:
         raise ConfigError("--width/--depth choose a sub-network of an elastic checkpoint; add --from poa")
-    elif args.arch is None:
+    elif args.last_heads is not None and args.source_format != "unip":
+        raise ConfigError("--last-heads sets a UNIP student's last-block head count; add --from unip")
+    elif args.arch is None and args.source_format is None:
         raise ConfigError("zoo convert needs --arch ARCH, the zoo architecture SRC holds (e.g. --arch "
-                          "vit_base_patch16_224), or --from poa for an official POA checkpoint")
+                          "vit_base_patch16_224), or --from poa|unip for an official POA or UNIP checkpoint")
     sd = read_untrusted_pickle(src) if args.trust_pickle else read_state_dict(src)
     if args.source_format == "poa":
         from zoo.convert import poa_model
 
         model = poa_model(sd, args.width, args.depth, arch=args.arch, head_dim=args.head_dim)
         card = {"provenance": {"converted_from": src.name, "method": "poa"}, "elastic": model.elastic}
+    elif args.source_format == "unip":
+        from zoo.convert import UNIP_LAST_HEADS, unip_model
+
+        model = unip_model(sd, last_heads=args.last_heads or UNIP_LAST_HEADS, arch=args.arch)
+        card = {"provenance": {"converted_from": src.name, "method": "unip"}, "unip": model.unip}
     else:
         model = create_model(args.arch)
         load_checked(model, fit_state_dict(sd, model), str(src), strict=not args.non_strict)
@@ -456,18 +463,43 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_dense(args: argparse.Namespace) -> int:
-    from zoo.eval.dense import dense_probe, extract_dense
+    from zoo.eval.dense import check_head, dense_finetune, dense_probe, extract_dense
 
+    check_head(args.head)  # before any feature extraction or training
+    if args.blocks != 1 and (args.head != "linear" or args.finetune):
+        raise ZooError("--blocks concatenates blocks for the frozen linear head only; LL-FPN and --finetune read "
+                       "the last block: drop --blocks")
+    for flag, value in (("--layer-decay", args.layer_decay), ("--drop-path", args.drop_path)):
+        if value is not None and not args.finetune:
+            raise ZooError(f"{flag} applies to --finetune only: add --finetune or drop {flag}")
     model = _model_for_eval(args.model, args.random_weights)
-    kw = dict(blocks=args.blocks, batch_size=args.batch_size, num_workers=args.workers, max_samples=args.max_samples)
-    xtr, ytr = extract_dense(model, args.train, **kw)
-    xva, yva = extract_dense(model, args.val, **kw)
-    res = dense_probe(xtr, ytr, xva, yva, epochs=args.epochs, seed=args.seed)
-    rows = [{"metric": f"heldout lr={r['lr']:g} mIoU", "value": f"{r['heldout_mIoU']:.2f}"} for r in res.grid]
-    rows += [{"metric": f"VAL {k} (lr={res.best['lr']:g})", "value": f"{v:.2f}"} for k, v in res.metrics.items()]
+    if args.finetune:
+        res = dense_finetune(model, args.train, args.val, head=args.head, epochs=args.epochs,
+                             lr=1e-4 if args.lr is None else args.lr,
+                             layer_decay=0.85 if args.layer_decay is None else args.layer_decay,
+                             drop_path=args.drop_path or 0.0, batch_size=args.batch_size, image_field=args.image_field,
+                             seed=args.seed, num_workers=args.workers, max_samples=args.max_samples)
+        how = f"finetune lr={res.best['lr']:g}, layer decay {res.best['layer_decay']:g}"
+        rows = []
+    else:
+        kw = dict(blocks=args.blocks, norm=args.head == "linear", image_field=args.image_field,
+                  batch_size=args.batch_size, num_workers=args.workers, max_samples=args.max_samples)
+        xtr, ytr = extract_dense(model, args.train, **kw)
+        xva, yva = extract_dense(model, args.val, **kw)
+        res = dense_probe(xtr, ytr, xva, yva, head=args.head, lrs=None if args.lr is None else (args.lr,),
+                          epochs=args.epochs, seed=args.seed)
+        how = f"lr={res.best['lr']:g}"
+        rows = [{"metric": f"heldout lr={r['lr']:g} mIoU", "value": f"{r['heldout_mIoU']:.2f}"} for r in res.grid]
+    if args.head != "linear":
+        how = f"{args.head}, {how}"
+    rows += [{"metric": f"VAL {k} ({how})", "value": f"{v:.2f}"} for k, v in res.metrics.items()]
     rows += [{"metric": f"  IoU class {c}", "value": f"{v:.2f}"} for c, v in res.per_class_iou.items()]
-    record = {f"dense_{k}": round(v, 2) for k, v in res.metrics.items()}
-    return _finish_eval(args, rows, res.as_dict(), record, {"blocks": args.blocks})
+    # the default protocol keeps its card keys; the others get their own: dense_llfpn_ft_thermal_mIoU
+    prefix = "dense" + ("" if args.head == "linear" else f"_{args.head}") + ("_ft" if args.finetune else "")
+    prefix += "" if args.image_field == "image" else f"_{args.image_field}"
+    record = {f"{prefix}_{k}": round(v, 2) for k, v in res.metrics.items()}
+    extra = {"blocks": args.blocks, "head": args.head, "finetune": args.finetune, "image_field": args.image_field}
+    return _finish_eval(args, rows, res.as_dict(), record, extra)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -589,6 +621,64 @@ def cmd_captions_recaption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from zoo.convert import as_zoo_vit
+    from zoo.tools.attention_analysis import analyze_attention
+
+    if args.out and (args.json_path or args.plot):
+        raise ZooError("give --out DIR (attention.json and attention.png in it), or --json F and/or --plot F, not both")
+    json_path, plot = args.json_path, args.plot
+    if args.out:
+        json_path, plot = Path(args.out) / "attention.json", Path(args.out) / "attention.png"
+    model = _model_for_eval(args.model, args.random_weights)
+    vit = as_zoo_vit(model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vit.to(device)
+    rec = analyze_attention(vit, args.data, n_images=args.n_images, batch_size=args.batch_size,
+                            image_field=args.image_field, layers=args.layers, model_name=args.model, plot=plot)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rec, indent=2))
+    rows = [{"layer": f"{r['layer']} ({r['index']})", "nmi": f"{r['nmi']:.4f}", "distance": f"{r['distance']:.2f}",
+             "entropy": f"{r['entropy']:.3f}", "band": r["band"] + (" <-" if r["index"] == rec["hybrid_layer"]["index"]
+                                                                    else "")} for r in rec["layers"]]
+    print(f"{rec['model']}: attention over {rec['n_images']} images ({rec['image_field']}), {rec['grid'][0]}x"
+          f"{rec['grid'][1]} patches of {rec['patch_size'][0]} px; layer = 1-based (0-based index), distance in px, "
+          "entropy in nats")
+    print_table(rows, ["layer", "nmi", "distance", "entropy", "band"])
+    h = rec["hybrid_layer"]
+    print(f"hybrid layer: {h['layer']} (index {h['index']}), NMI {h['nmi']:.4f}: {h['note']}")
+    for what, path in (("json", json_path), ("plot", rec.get("plot"))):
+        if path:
+            print(f"wrote {what} {path}")
+    return 0
+
+
+def _analyze_parser(sub: Any) -> None:
+    """`zoo analyze attention`: per-layer attention patterns of a ViT (NMI, distance, entropy, bands)."""
+    an = sub.add_parser("analyze", help="analyse what a model does on data (attention patterns)").add_subparsers(
+        dest="analyze_command", required=True, metavar="ANALYSIS")
+    s = an.add_parser("attention", help="per-layer attention NMI, distance and entropy; local/hybrid/global bands "
+                                        "and the hybrid layer (UNIP's teacher layer)")
+    s.add_argument("model", help="a ViT: published name, path, timm:NAME, or architecture (random weights)")
+    s.add_argument("--data", required=True, help="shards, e.g. 'data/scenes/val/*.tar'")
+    s.add_argument("--n-images", type=int, default=64, help="images to average over (default 64)")
+    s.add_argument("--image-field", default="image",
+                   help="image field to read (default image); e.g. thermal: a 1-channel field, replicated to RGB")
+    s.add_argument("--layers", type=int, nargs="+", metavar="INDEX",
+                   help="0-based block indices to measure (default all; UNIP's 1-based layer 18 is index 17); "
+                        "the bands are relative to the layers measured")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    s.add_argument("--out", help="folder for attention.json and attention.png")
+    s.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON here")
+    s.add_argument("--plot", metavar="FILE", help="write the picture (PNG) here")
+    s.add_argument("--random-weights", action="store_true", help="analyse the architecture with random weights")
+    s.set_defaults(fn=cmd_analyze_attention)
+
+
 def _captions_parser(sub: Any) -> None:
     """`zoo captions score|filter|recaption`: CLIP scores, DFN-style filtering, synthetic captions."""
     cap = sub.add_parser("captions", help="score, filter and recaption image-text shards").add_subparsers(
@@ -669,9 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a checkpoint (e.g. official MAE .pth) to zoo safetensors")
     s.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
     s.add_argument("out", help="OUT.safetensors, or a name to publish in the zoo store (arch.tag)")
-    s.add_argument("--arch", help="zoo architecture, e.g. vit_base_patch16_224 (with --from poa: inferred)")
-    s.add_argument("--from", dest="source_format", choices=("poa",),
-                   help="poa: an official POA teacher_checkpoint.pth, cut to the sub-network --width x --depth")
+    s.add_argument("--arch", help="zoo architecture, e.g. vit_base_patch16_224 (with --from poa/unip: inferred)")
+    s.add_argument("--from", dest="source_format", choices=("poa", "unip"),
+                   help="poa: an official POA teacher_checkpoint.pth, cut to the sub-network --width x --depth; "
+                        "unip: an official UNIP checkpoint (its untrained last-block parts are reported)")
+    s.add_argument("--last-heads", type=int, help="with --from unip: the last block's head count, the teacher's "
+                                                  "(16 for the released MAE-L/iBOT-L teachers, 12 for DINO-B)")
     s.add_argument("--width", type=int, help="with --from poa: embedding width, a multiple of the head size")
     s.add_argument("--depth", type=int, help="with --from poa: number of blocks (evenly spaced over the intact ones)")
     s.add_argument("--head-dim", type=int, default=64, help="with --from poa: the checkpoint's head size (POA: 64)")
@@ -751,14 +844,25 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--caption", nargs="+", default=["caption"],
                            help="caption fields: 'caption' (the txt member) or names in meta['captions'] (exact short noisy)")
             s.set_defaults(fn=cmd_eval_retrieval)
-    s = ev.add_parser("dense", help="linear segmentation probe on frozen patch features (mIoU)")
+    s = ev.add_parser("dense", help="segmentation probe (linear or LL-FPN head) on frozen patch features, or "
+                                    "fine-tuning (mIoU)")
     s.add_argument("model", help="published name, path, or ViT architecture (random weights)")
     s.add_argument("--train", required=True, help="train shards with image + seg.png masks, e.g. built-in scenes")
     s.add_argument("--val", required=True, help="val shards")
-    s.add_argument("--blocks", type=int, default=1, help="concatenate the patch maps of the last N blocks (default 1)")
+    s.add_argument("--head", default="linear", help="linear (default) or llfpn (UNIP's last-layer feature pyramid)")
+    s.add_argument("--finetune", action="store_true",
+                   help="train backbone + head end to end (AdamW, layer-wise lr decay) instead of a frozen probe")
+    s.add_argument("--image-field", default="image",
+                   help="the field read as the image, e.g. thermal (a grey image is replicated to 3 channels)")
+    s.add_argument("--lr", type=float,
+                   help="frozen: train this one lr instead of the head's grid; --finetune: the lr (default 1e-4)")
+    s.add_argument("--layer-decay", type=float, help="--finetune: layer-wise lr decay (default 0.85)")
+    s.add_argument("--drop-path", type=float, help="--finetune: stochastic depth rate of the last block (default 0)")
+    s.add_argument("--blocks", type=int, default=1,
+                   help="frozen linear head: concatenate the patch maps of the last N blocks (default 1)")
     s.add_argument("--epochs", type=int, default=20)
     s.add_argument("--max-samples", type=int, help="use at most this many images per split")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=32, help="images per batch (extraction, or --finetune training)")
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
     _eval_outputs(s)
@@ -790,6 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_shards_check)
     _captions_parser(sub)
+    _analyze_parser(sub)
     return p
 
 

@@ -338,6 +338,7 @@ class DataConfig(_Section):
     shuffle: int = 1000  # sample shuffle buffer; 0 turns it off
     builtin: str | None = None  # 'fractals', 'scenes', 'digits': generated once into $ZOO_HOME/data when train is unset
     builtin_n: int = 10_000  # samples to generate from `builtin`
+    weights: list[float] | None = None  # one per '::'-joined source of `train` (needs resampled: true): the mix
 
     def _check(self) -> None:
         self._require(self.batch_size >= 1, "batch_size", ">= 1")
@@ -345,6 +346,8 @@ class DataConfig(_Section):
         self._require(self.epoch_samples is None or self.epoch_samples >= 1, "epoch_samples", ">= 1 or null")
         self._require(self.shuffle >= 0, "shuffle", ">= 0")
         self._require(self.builtin_n >= 1, "builtin_n", ">= 1")
+        self._require(self.weights is None or self.resampled, "weights",
+                      "used with resampled: true (weighted sources are drawn with replacement)")
 
 
 @dataclass

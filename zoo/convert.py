@@ -3,7 +3,9 @@
 `checkpoint_filter_fn`-style: foreign checkpoints (official MAE `models_mae.py`, official DINO
 training checkpoints and backbone releases, DDP-wrapped, timm) are unwrapped and their keys remapped
 into our modules; `load_checked` then refuses any dict that does not fit, naming the missing,
-unexpected and mis-shaped keys. Official POA checkpoints (one elastic ViT holding many sizes) are sliced into
+unexpected and mis-shaped keys. A timm `VisionTransformer` becomes the zoo ViT with the same weights and forward
+(`from_timm`, `as_zoo_vit`: attention hooks, UNIP teachers); official UNIP checkpoints load with their last block's
+own head count (`unip_model`). Official POA checkpoints (one elastic ViT holding many sizes) are sliced into
 the plain ViT of a chosen width and depth (`poa_to_vit`, `poa_model`). The other way, `to_timm` and `timm_config` describe a zoo model as the
 timm model that loads its state dict unchanged.
 """
@@ -16,7 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from zoo.errors import CheckpointMismatchError
+from zoo.errors import CheckpointMismatchError, ZooError
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,61 @@ def to_timm(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return timm_kwargs(model), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def from_timm(model: nn.Module) -> nn.Module:
+    """The zoo ViT with a timm `VisionTransformer`'s weights and forward (its attention hooks then work: `forward_qk`,
+    `attention_maps`); a one-line ZooError for timm ViT variants zoo's ViT does not have (register tokens, qk-norm,
+    pre-norm, no class-token position, other norms or activations)."""
+    import timm.models.vision_transformer as tvit
+
+    from zoo.factory import create_model
+    from zoo.models.vit import VIT_ARCHS
+
+    if not isinstance(model, tvit.VisionTransformer):
+        raise ZooError(f"{type(model).__name__} is not a ViT: attention analysis and UNIP teachers need a ViT "
+                       "(a zoo ViT, or timm's VisionTransformer, e.g. timm:vit_small_patch16_224)")
+    blk = model.blocks[0]
+    unsupported = [what for what, bad in (
+        ("register tokens", getattr(model, "num_reg_tokens", 0) > 0),
+        ("no class-token position embedding", getattr(model, "no_embed_class", False)),
+        ("pre-norm", not isinstance(model.norm_pre, nn.Identity)),
+        ("qk-norm", not isinstance(getattr(blk.attn, "q_norm", nn.Identity()), nn.Identity)),
+        ("a pooling head (attention pool)", getattr(model, "attn_pool", None) is not None),
+        ("a non-LayerNorm norm", not isinstance(blk.norm1, nn.LayerNorm)),
+        ("a non-GELU MLP", not isinstance(getattr(blk.mlp, "act", nn.GELU()), nn.GELU)),
+        ("a non-square patch", model.patch_embed.patch_size[0] != model.patch_embed.patch_size[1]),
+    ) if bad]
+    if unsupported:
+        raise ZooError(f"timm ViT {model.default_cfg.get('architecture', '?')} has {', '.join(unsupported)}, which the zoo "
+                       "ViT does not: use a standard ViT (vit_*_patch*_* with a class token)")
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    eps = blk.norm1.eps
+    kwargs = dict(
+        img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+        in_chans=model.patch_embed.proj.in_channels, num_classes=model.num_classes,
+        global_pool=model.global_pool or "", embed_dim=model.embed_dim, depth=len(model.blocks),
+        num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=blk.attn.qkv.bias is not None, class_token=model.cls_token is not None,
+        init_values=1.0 if hasattr(blk.ls1, "gamma") else None,  # the value is overwritten by the weights
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+    arch = cfg.get("architecture")
+    vit = create_model(arch if arch in VIT_ARCHS else TIMM_VIT_FALLBACK, **kwargs)
+    if eps != 1e-6:
+        for m in vit.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+    load_checked(vit, model.state_dict(), f"timm {arch or type(model).__name__}", strict=True)
+    vit.pretrained_cfg.update({k: v for k, v in cfg.items() if k in ("interpolation", "crop_pct")})
+    return vit.train(model.training)
+
+
+def as_zoo_vit(model: nn.Module) -> nn.Module:
+    """`model` if it is a zoo ViT, the converted zoo ViT if it is timm's (`from_timm`), else a one-line ZooError."""
+    from zoo.models.vit import VisionTransformer
+
+    return model if isinstance(model, VisionTransformer) else from_timm(model)
+
+
 # The ViT timm builds a zoo ViT as when timm has no model of the zoo name: model_args set every shape.
 TIMM_VIT_FALLBACK = "vit_base_patch16_224"
 
@@ -168,9 +225,11 @@ def timm_config(model: nn.Module) -> dict[str, Any] | None:
 
     import timm
 
-    from zoo.models.vit import VisionTransformer, timm_kwargs
+    from zoo.models.vit import VisionTransformer, last_heads, timm_kwargs
 
     arch = getattr(model, "zoo_arch", None)
+    if isinstance(model, VisionTransformer) and last_heads(model) is not None:
+        return None  # timm's ViT has one head count: it would load the weights with another forward
     if isinstance(model, VisionTransformer):
         args = {k: v for k, v in timm_kwargs(model).items() if k not in ("norm_layer", "num_classes")}
         # zoo ViTs take any input size (resampling the position embedding); the rest pins timm's defaults that
@@ -286,7 +345,7 @@ def poa_vit_kwargs(sd: Mapping[str, torch.Tensor], width: int, depth: int, head_
     )
 
 
-def _poa_arch(kwargs: Mapping[str, Any]) -> str:
+def _vit_arch_for(kwargs: Mapping[str, Any]) -> str:
     """The registered ViT whose shape the sub-network has, else one of its patch grid, else a standard one
     (the card's arguments set every shape either way)."""
     from zoo.models.vit import VIT_ARCHS
@@ -318,7 +377,61 @@ def poa_model(
     intact_width, intact_depth = _poa_intact_dims(sd, max_width, max_depth)
     weights = _poa_slice(sd, width, depth, head_dim)
     kwargs = poa_vit_kwargs(sd, width, depth, head_dim)
-    model = create_model(arch or _poa_arch(kwargs), **kwargs)
+    model = create_model(arch or _vit_arch_for(kwargs), **kwargs)
     load_checked(model, weights, "POA checkpoint", strict=True)
     model.elastic = elastic_card(width, depth, intact_width, intact_depth)
     return model
+
+
+# -- official UNIP checkpoints (casiatao/UNIP) ------------------------------------------------------------------
+# `{'model': state dict}` with timm ViT names and a fixed sin-cos position embedding. The last block attends with the
+# teacher's head count (16 for MAE-L / iBOT-L teachers, 12 for DINO-B), which the weights cannot tell: qkv is
+# (3·D, D) whatever the heads. Its norm2 + MLP and the final norm never got a gradient in pretraining.
+UNIP_LAST_HEADS = 16
+
+
+def unip_untrained(sd: Mapping[str, torch.Tensor], depth: int) -> list[str]:
+    """The parts of a UNIP backbone pretraining left at their initial values: the last block's norm2 (and so its
+    MLP, trained with it or not at all) and the final norm, wherever their LayerNorms are still exactly (1, 0)."""
+    out = []
+    for part in ("blocks.{last}.norm2", "norm"):
+        name = part.format(last=depth - 1)
+        w, b = sd.get(f"{name}.weight"), sd.get(f"{name}.bias")
+        if w is not None and b is not None and bool((w == 1).all()) and bool((b == 0).all()):
+            out.append(name)
+            if name.endswith("norm2"):
+                out.append(f"blocks.{depth - 1}.mlp")
+    return out
+
+
+def unip_model(checkpoint_or_state_dict: Mapping[str, Any], *, last_heads: int = UNIP_LAST_HEADS,
+               arch: str | None = None, head_dim_hint: int = 64) -> nn.Module:
+    """An official UNIP checkpoint as a zoo ViT whose last block has `last_heads` heads (UNIP-T/S/B: 16 with the
+    released MAE-L teacher). `model.unip` says which parts pretraining left untrained (reported, not hidden)."""
+    from zoo.factory import create_model
+
+    sd = {k: v for k, v in unwrap(checkpoint_or_state_dict).items() if not k.startswith(("head.", "fc_norm."))}
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is None or "pos_embed" not in sd:
+        raise CheckpointMismatchError("not a UNIP/ViT checkpoint: no patch_embed.proj.weight or pos_embed; "
+                                      f"its first keys are {list(sd)[:4]}")
+    width, patch = proj.shape[0], proj.shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    n_patches = sd["pos_embed"].shape[1] - 1
+    side = int(round(n_patches**0.5))
+    if side * side != n_patches:
+        raise CheckpointMismatchError(f"UNIP pos_embed has {n_patches} patch positions, not a square grid")
+    heads = {192: 3, 384: 6, 768: 12, 1024: 16}.get(width, max(width // head_dim_hint, 1))
+    kwargs = dict(img_size=side * patch, patch_size=patch, in_chans=proj.shape[1], embed_dim=width, depth=depth,
+                  num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                  qkv_bias="blocks.0.attn.qkv.bias" in sd, pos_embed="sincos", global_pool="token",
+                  last_heads=last_heads if last_heads != heads else None)
+    model = create_model(arch or _vit_arch_for(kwargs), **kwargs)
+    load_checked(model, fit_state_dict(sd, model), "UNIP checkpoint", strict=True)
+    untrained = unip_untrained(sd, depth)
+    if untrained:
+        log.warning("UNIP checkpoint: %s never trained (UNIP distils the last block's attention only); "
+                    "features read after them (linear probes, LL-FPN) see their initial values", ", ".join(untrained))
+    model.unip = {"last_heads": last_heads, "untrained": untrained}
+    return model
+

@@ -111,7 +111,7 @@ def resolve_data(source: str | None, split: str, backbone: torch.nn.Module, n: i
     """A shard pattern for `source`, generating 'builtin:NAME' shards at the backbone's input size."""
     from zoo.data.builtin import BUILTIN_PREFIX, resolve_source
 
-    if source is None or not source.startswith(BUILTIN_PREFIX):
+    if source is None or BUILTIN_PREFIX not in source:
         return source
     size = int(backbone.pretrained_cfg["input_size"][-1])
     return resolve_source(source, split=split, root=data_root(), size=size, n=n)
@@ -477,7 +477,7 @@ class Trainer:
         from zoo.data import dataset_size, loader
 
         cfg, method = self.cfg, self.method
-        source = cfg.data.train or (f"builtin:{cfg.data.builtin}" if cfg.data.builtin else None)
+        source = train_source(cfg)
         if source is None:
             raise ConfigError("no training data: give --data 'shards/{00000..00009}.tar', or set data.train "
                               "(or data.builtin: fractals | scenes | digits) in the recipe")
@@ -503,7 +503,7 @@ class Trainer:
             urls, fields=spec.fields, optional_fields=spec.optional_fields, transform=prepare, collate=spec.collate,
             batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, resampled=cfg.data.resampled,
             epoch_samples=cfg.data.epoch_samples or (size if cfg.data.resampled else None), shuffle=cfg.data.shuffle,
-            seed=cfg.seed, drop_last=spec.drop_last, index=spec.index,
+            seed=cfg.seed, drop_last=spec.drop_last, index=spec.index, weights=cfg.data.weights,
         )
         return data, size
 
@@ -583,8 +583,16 @@ def board_pictures(folder: Path, pictures: Sequence[Path], step: int) -> None:
 
 def data_description(cfg) -> str | None:
     """What a run trained on, as cards record it: the shards, or `builtin:NAME (n=N)`."""
-    source = cfg.data.train or (f"builtin:{cfg.data.builtin}" if cfg.data.builtin else None)
-    return f"{source} (n={cfg.data.builtin_n})" if source and source.startswith("builtin:") else source
+    source = train_source(cfg)
+    return f"{source} (n={cfg.data.builtin_n})" if source and not cfg.data.train else source
+
+
+def train_source(cfg) -> str | None:
+    """The training shards' source: `data.train`, else the built-in set(s) of `data.builtin` ('scenes', or a
+    '::'-joined mix such as 'scenes::fractals', weighted by `data.weights`)."""
+    if cfg.data.train or not cfg.data.builtin:
+        return cfg.data.train
+    return "::".join(f"builtin:{name}" for name in cfg.data.builtin.split("::"))
 
 
 def publish_exports(method, cfg, steps: int, evals: dict[str, dict[str, dict[str, float]]] | None = None,

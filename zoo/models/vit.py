@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 
+from zoo.errors import ZooError
 from zoo.kernels import attention, attention_varlen, attention_weights
 from zoo.registry import MODELS
 
@@ -51,6 +52,7 @@ class Attention(nn.Module):
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5  # the logit scale of this block's attention
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -62,9 +64,14 @@ class Attention(nn.Module):
         return self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, seqlens: Sequence[int] | None = None
-    ) -> torch.Tensor:
-        """`seqlens`: x is (1, T, C) packed sequences of these lengths, each attending only within itself."""
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        seqlens: Sequence[int] | None = None,
+        return_qk: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`seqlens`: x is (1, T, C) packed sequences of these lengths, each attending only within itself.
+        `return_qk`: also return this forward's (q, k), each (B, heads, N, head_dim); logits = q kᵀ · `scale`."""
         b, n, c = x.shape
         q, k, v = self.qkv_heads(x)
         dropout_p = self.attn_drop if self.training else 0.0
@@ -74,7 +81,8 @@ class Attention(nn.Module):
             x = attention_varlen(q, k, v, seqlens, dropout_p=dropout_p)
         else:
             x = attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+        out = self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+        return (out, (q, k)) if return_qk else out
 
 
 def drop_path_packed(x: torch.Tensor, drop_prob: float, seqlens: Sequence[int], scale_by_keep: bool = True) -> torch.Tensor:
@@ -121,12 +129,25 @@ class Block(nn.Module):
         return drop_path_packed(x, module.drop_prob, seqlens, module.scale_by_keep)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, seqlens: Sequence[int] | None = None
-    ) -> torch.Tensor:
-        """`seqlens`: x is (1, T, C) packed sequences (see `Attention.forward`); norms and MLP run on all tokens."""
-        attn = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, seqlens=seqlens))
-        x = x + self._drop_path(self.drop_path1, attn, seqlens)
-        return x + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), seqlens)
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        seqlens: Sequence[int] | None = None,
+        return_qk: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`seqlens`: x is (1, T, C) packed sequences (see `Attention.forward`); norms and MLP run on all tokens.
+        `return_qk`: also return the attention's (q, k) of this same forward (see `Attention.forward`)."""
+        attn = self.attn(self.norm1(x), attn_mask=attn_mask, seqlens=seqlens, return_qk=return_qk)
+        if return_qk:
+            attn, qk = attn
+        x = x + self._drop_path(self.drop_path1, self.ls1(attn), seqlens)
+        x = x + self._drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), seqlens)
+        return (x, qk) if return_qk else x
+
+    def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k) of this block's attention for input tokens x, without the rest of the block."""
+        q, k, _ = self.attn.qkv_heads(self.norm1(x))
+        return q, k
 
 
 def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
@@ -170,8 +191,16 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        last_heads: int | None = None,
     ):
+        """`last_heads`: the last block's head count when it differs from `num_heads` (UNIP's student takes its
+        teacher's head count there: ViT-S with 16 heads of 24 channels in its last block)."""
         super().__init__()
+        for what, heads in (("num_heads", num_heads), ("last_heads", last_heads)):
+            if heads is not None and (heads < 1 or embed_dim % heads):
+                fits = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0 and h <= 64]
+                raise ZooError(f"{what}={heads} does not split embed_dim {embed_dim} into equal heads; "
+                               f"head counts that fit: {', '.join(map(str, fits))}")
         if global_pool not in ("token", "avg", ""):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         if global_pool == "token" and not class_token:
@@ -193,7 +222,8 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule
         self.blocks = nn.Sequential(
             *[
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, drop_rate, attn_drop_rate, dpr[i], norm_layer)
+                Block(embed_dim, last_heads if last_heads and i == depth - 1 else num_heads, mlp_ratio, qkv_bias,
+                      init_values, drop_rate, attn_drop_rate, dpr[i], norm_layer)
                 for i in range(depth)
             ]
         )
@@ -337,15 +367,55 @@ class VisionTransformer(nn.Module):
         pieces = out[0].split([t.shape[0] * t.shape[1] for t in tokens])
         return [p.reshape(t.shape[0], t.shape[1], -1) for p, t in zip(pieces, tokens)]
 
+    # -- attention hooks: what a block attends to, from the forward itself -----------------------
+    def forward_qk(
+        self, x: torch.Tensor, layers: int | Sequence[int] | None = None, keep: torch.Tensor | None = None
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{block index: (q, k)}, each (B, heads, prefix + N, head_dim), of the blocks in `layers` (0-based,
+        negatives from the end; None: all). One forward that stops at the deepest one's attention: its output
+        and MLP, the blocks after it and the final norm are not run (UNIP's teacher and student). Logits of
+        block i are q kᵀ · `self.blocks[i].attn.scale`, each block with its own head count and scale."""
+        take = self._layer_indices(layers)
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        x = self.embed(x, keep)
+        for i, blk in enumerate(self.blocks[: take[-1] + 1]):
+            if i == take[-1]:
+                out[i] = blk.qk(x)
+            elif i in take:
+                x, out[i] = blk(x, return_qk=True)
+            elif getattr(self, "grad_checkpointing", False) and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return out
+
+    def attention_logits(self, x: torch.Tensor, layers: int | Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """{block index: pre-softmax attention logits (B, heads, prefix + N, prefix + N)} (see `forward_qk`)."""
+        return {i: (q @ k.transpose(-2, -1)) * self.blocks[i].attn.scale for i, (q, k) in self.forward_qk(x, layers).items()}
+
+    def attention_maps(self, x: torch.Tensor, layers: int | Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """{block index: post-softmax attention (B, heads, prefix + N, prefix + N)}, rows summing to 1."""
+        return {i: attention_weights(q, k, scale=self.blocks[i].attn.scale) for i, (q, k) in self.forward_qk(x, layers).items()}
+
+    def _layer_indices(self, layers: int | Sequence[int] | None) -> list[int]:
+        """Sorted 0-based block indices; a one-line error naming the valid range for one that is not."""
+        depth = len(self.blocks)
+        wanted = range(depth) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        out = set()
+        for i in wanted:
+            j = int(i) + depth if int(i) < 0 else int(i)
+            if not 0 <= j < depth:
+                raise ZooError(f"layer {i} is out of range for this {depth}-block ViT: use 0..{depth - 1} "
+                               f"(or -{depth}..-1 from the end)")
+            out.add(j)
+        if not out:
+            raise ZooError("no layers given: pass block indices, e.g. [3, -1], or None for all")
+        return sorted(out)
+
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Post-softmax attention of the last block (B, heads, prefix + N, prefix + N), as DINO's
         visualize_attention draws it (row 0, the class token's, over the patches)."""
-        x = self.embed(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        last = self.blocks[-1]
-        q, k, _ = last.attn.qkv_heads(last.norm1(x))
-        return attention_weights(q, k)
+        return self.attention_maps(x, -1)[len(self.blocks) - 1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the tokens from `forward_features` and apply the head (if any)."""
@@ -445,14 +515,26 @@ def vit_kwargs(model: VisionTransformer) -> dict[str, Any]:
         drop_path_rate=max(getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks),
         mean=tuple(model.pretrained_cfg["mean"]),
         std=tuple(model.pretrained_cfg["std"]),
+        last_heads=last_heads(model),
     )
+
+
+def last_heads(model: VisionTransformer) -> int | None:
+    """The last block's head count where it differs from the others' (UNIP students), else None."""
+    heads = model.blocks[-1].attn.num_heads
+    return heads if heads != model.blocks[0].attn.num_heads else None
 
 
 def timm_kwargs(model: VisionTransformer) -> dict[str, Any]:
     """Constructor arguments of timm's `VisionTransformer` with the same parameters and forward."""
-    zoo_only = ("pos_embed", "drop_rate", "attn_drop_rate", "drop_path_rate", "mean", "std")
+    if last_heads(model) is not None:
+        raise ZooError(f"this ViT's last block has {last_heads(model)} heads and the others "
+                       f"{model.blocks[0].attn.num_heads}: timm's VisionTransformer has one head count, so it would load "
+                       "these weights with a different forward; use the zoo model")
+    zoo_only = ("pos_embed", "drop_rate", "attn_drop_rate", "drop_path_rate", "mean", "std", "last_heads")
     args = {k: v for k, v in vit_kwargs(model).items() if k not in zoo_only}
     return {**args, "norm_layer": partial(nn.LayerNorm, eps=1e-6)}
 
 
-__all__ = ["VisionTransformer", "Block", "Attention", "drop_path_packed", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs", "vit_kwargs"]
+__all__ = ["VisionTransformer", "Block", "Attention", "drop_path_packed", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs",
+           "vit_kwargs", "last_heads"]

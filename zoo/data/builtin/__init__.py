@@ -89,7 +89,10 @@ def materialize(name: str, split: str, n: int, *, root: str | Path, size: int = 
 
 
 def resolve_source(source: str, *, split: str, root: str | Path, size: int = 32, n: int = 10_000) -> str:
-    """A shard pattern, with 'builtin:NAME' turned into materialized built-in shards of that split."""
+    """A shard pattern, with 'builtin:NAME' turned into materialized built-in shards of that split; in
+    '::'-joined sources (a weighted mix) each 'builtin:NAME' part is."""
+    if "::" in str(source):
+        return "::".join(resolve_source(s, split=split, root=root, size=size, n=n) for s in str(source).split("::"))
     if not str(source).startswith(BUILTIN_PREFIX):
         return source
     return materialize(str(source)[len(BUILTIN_PREFIX):], split, n, root=root, size=size)
