@@ -88,7 +88,7 @@ def test_last_heads_round_trips_through_kwargs_and_publish_but_not_timm():
     assert loaded.blocks[-1].attn.num_heads == 8 and loaded.blocks[0].attn.num_heads == 4
 
 
-def test_timm_vits_become_zoo_vits_with_the_same_forward():
+def test_timm_vits_become_zoo_vits_with_the_same_forward(tmp_path):
     import timm
 
     torch.manual_seed(0)
@@ -98,6 +98,9 @@ def test_timm_vits_become_zoo_vits_with_the_same_forward():
     assert isinstance(z, VisionTransformer) and as_zoo_vit(z) is z
     torch.testing.assert_close(z.forward_features(x), t.forward_features(x))
     assert len(z.attention_maps(x)) == 12
+    timm.models.save_for_hf(t, tmp_path / "hub_folder", safe_serialization=True)  # a Hub repo's layout, offline
+    hub = as_zoo_vit(zoo.load(str(tmp_path / "hub_folder")))
+    torch.testing.assert_close(hub.forward_features(x), t.forward_features(x))
     with pytest.raises(ZooError, match="is not a ViT"):
         as_zoo_vit(timm.create_model("resnet18", pretrained=False))
     with pytest.raises(ZooError, match="register tokens"):
@@ -141,11 +144,11 @@ def test_recipe_builds_the_student_with_the_teachers_heads_and_learns(teacher_na
     first = None
     for _ in range(15):
         loss = m.training_step({"image": x}, 0)["loss"]
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.7 * first
+    assert loss.item() < 0.7 * first
 
 
 def test_recipe_bad_input_is_one_line(teacher_name, tmp_path):
