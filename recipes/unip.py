@@ -34,7 +34,7 @@ import zoo
 from zoo.convert import as_zoo_vit
 from zoo.errors import ConfigError
 from zoo.kernels import attention_kl
-from zoo.recipes.base import DataSpec, Method, check_vit_overrides
+from zoo.recipes.base import DataSpec, Export, Method, check_vit_overrides
 from zoo.recipes.mae import init_mae_weights
 from zoo.registry import MODELS, RECIPES
 
@@ -159,6 +159,14 @@ class UNIP(Method):
     def backbone(self) -> nn.Module:
         """The student, a plain zoo ViT with `last_heads` (published as is)."""
         return self.student
+
+    def export(self, name: str) -> dict[str, Export]:
+        """The student, its card naming what it was distilled from and what pretraining left untrained."""
+        last = len(self.student.blocks) - 1
+        card = {"teacher": self.teacher_name, "teacher_layer": self.teacher_layer,
+                "last_heads": self.student.blocks[last].attn.num_heads,
+                "untrained": [f"blocks.{last}.norm2", f"blocks.{last}.mlp", "norm"]}
+        return {name: Export(self.student, card={"unip": card})}
 
 
 RECIPES.register(

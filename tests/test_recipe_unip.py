@@ -149,6 +149,8 @@ def test_recipe_builds_the_student_with_the_teachers_heads_and_learns(teacher_na
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first
+    card = m.export("vit_tiny_patch4_32.u")["vit_tiny_patch4_32.u"].card["unip"]
+    assert card["teacher"] == teacher_name and card["teacher_layer"] == 6 and card["last_heads"] == 6
 
 
 def test_recipe_bad_input_is_one_line(teacher_name, tmp_path):
