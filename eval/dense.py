@@ -436,13 +436,6 @@ def _seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> 
     return F.cross_entropy(up, target, ignore_index=ignore_index, reduction="sum") / n_valid
 
 
-def _adamw_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """timm's rule: weight decay on weights, none on biases and norm parameters (1-D)."""
-    from timm.optim import param_groups_weight_decay
-
-    return param_groups_weight_decay(module, weight_decay)
-
-
 def _train_heads(
     feats: torch.Tensor, masks: torch.Tensor, idx: torch.Tensor, lrs: Sequence[float], num_classes: int, *,
     head: str, norm: str, width: int, epochs: int, batch_size: int, seed: int, ignore_index: int,
@@ -461,11 +454,13 @@ def _train_heads(
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.0)
         shared, parts, warmup = heads[0][0], [h[1] for h in heads], 0  # the frozen normalisation: applied once
     else:
+        from timm.optim import param_groups_weight_decay  # no decay on biases and norms (1-D)
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             heads = [LLFPNHead(feats.shape[1], num_classes, width) for _ in lrs]
         groups = [{**grp, "lr": lr, "base_lr": lr}
-                  for h, lr in zip(heads, lrs) for grp in _adamw_groups(h, HEAD_WEIGHT_DECAY)]
+                  for h, lr in zip(heads, lrs) for grp in param_groups_weight_decay(h, HEAD_WEIGHT_DECAY)]
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
         shared, parts, warmup = nn.Identity(), heads, total // 10
     for h in heads:

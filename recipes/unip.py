@@ -34,7 +34,7 @@ import zoo
 from zoo.convert import as_zoo_vit
 from zoo.errors import ConfigError
 from zoo.kernels import attention_kl
-from zoo.recipes.base import DataSpec, Export, Method, check_vit_overrides
+from zoo.recipes.base import DataSpec, Export, Method, check_same_input, check_vit_overrides
 from zoo.recipes.mae import init_mae_weights
 from zoo.registry import MODELS, RECIPES
 
@@ -123,8 +123,7 @@ class UNIP(Method):
                               "do not set it")
         args = {"pos_embed": "sincos", "global_pool": "token", "num_classes": 0, "mean": INFRARED_MEAN,
                 "std": INFRARED_STD, "drop_path_rate": 0.1, **arch_overrides}
-        probe = zoo.create_model(arch, **args)  # the student's shape, to check the teacher against
-        self.teacher = self._load_teacher(teacher, probe)
+        self.teacher = self.load_frozen(teacher, convert=as_zoo_vit)  # any ViT zoo.load takes, as a zoo ViT
         self.teacher_name = teacher
         depth = len(self.teacher.blocks)
         self.teacher_layer = hybrid_layer_from(teacher_layer, depth)
@@ -133,18 +132,11 @@ class UNIP(Method):
             self.student = zoo.create_model(arch, **args, last_heads=heads)
         except zoo.ZooError as e:
             raise ConfigError(f"unip: the student's last block must take the teacher's {heads} heads: {e}") from None
+        check_same_input(self.teacher, self.student, f"unip: teacher {teacher!r}")  # one token grid for both
         self.student.apply(init_mae_weights)  # models_unip.py initialises as MAE
         self.arch = arch
         self.thermal_field = thermal_field
         self.crop_scale = tuple(crop_scale)
-
-    def _load_teacher(self, name: str, student: nn.Module) -> nn.Module:
-        teacher = self.load_frozen(name, like=student, convert=as_zoo_vit)
-        if tuple(teacher.patch_embed.grid_size) != tuple(student.patch_embed.grid_size):
-            raise ConfigError(f"unip: teacher {name!r} cuts {tuple(teacher.patch_embed.grid_size)} patches and the "
-                              f"student {tuple(student.patch_embed.grid_size)}: the attention maps must have one "
-                              "token grid; use the same patch size and resolution")
-        return teacher
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         loss = attention_distillation_loss(self.teacher, self.teacher_layer - 1, self.student, batch["image"])

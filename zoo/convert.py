@@ -166,7 +166,7 @@ def from_timm(model: nn.Module) -> nn.Module:
     import timm.models.vision_transformer as tvit
 
     from zoo.factory import create_model
-    from zoo.models.vit import VIT_ARCHS
+    from zoo.models.vit import IMAGENET_MEAN, IMAGENET_STD, VIT_ARCHS
 
     if not isinstance(model, tvit.VisionTransformer):
         raise ZooError(f"{type(model).__name__} is not a ViT: attention analysis and UNIP teachers need a ViT "
@@ -194,7 +194,7 @@ def from_timm(model: nn.Module) -> nn.Module:
         num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
         qkv_bias=blk.attn.qkv.bias is not None, class_token=model.cls_token is not None,
         init_values=1.0 if hasattr(blk.ls1, "gamma") else None,  # the value is overwritten by the weights
-        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
     )
     arch = cfg.get("architecture")
     vit = create_model(arch if arch in VIT_ARCHS else TIMM_VIT_FALLBACK, **kwargs)

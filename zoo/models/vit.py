@@ -375,7 +375,7 @@ class VisionTransformer(nn.Module):
         negatives from the end; None: all). One forward that stops at the deepest one's attention: its output
         and MLP, the blocks after it and the final norm are not run (UNIP's teacher and student). Logits of
         block i are q kᵀ · `self.blocks[i].attn.scale`, each block with its own head count and scale."""
-        take = self._layer_indices(layers)
+        take = self.layer_indices(layers)
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         x = self.embed(x, keep)
         for i, blk in enumerate(self.blocks[: take[-1] + 1]):
@@ -397,20 +397,18 @@ class VisionTransformer(nn.Module):
         """{block index: post-softmax attention (B, heads, prefix + N, prefix + N)}, rows summing to 1."""
         return {i: attention_weights(q, k, scale=self.blocks[i].attn.scale) for i, (q, k) in self.forward_qk(x, layers).items()}
 
-    def _layer_indices(self, layers: int | Sequence[int] | None) -> list[int]:
-        """Sorted 0-based block indices; a one-line error naming the valid range for one that is not."""
+    def layer_indices(self, layers: int | Sequence[int] | None) -> list[int]:
+        """Sorted unique 0-based block indices of `layers` (an index, several, negatives from the end, None:
+        all); a one-line error naming the valid range for one that does not exist."""
         depth = len(self.blocks)
-        wanted = range(depth) if layers is None else [layers] if isinstance(layers, int) else list(layers)
-        out = set()
-        for i in wanted:
-            j = int(i) + depth if int(i) < 0 else int(i)
-            if not 0 <= j < depth:
-                raise ZooError(f"layer {i} is out of range for this {depth}-block ViT: use 0..{depth - 1} "
-                               f"(or -{depth}..-1 from the end)")
-            out.add(j)
-        if not out:
-            raise ZooError("no layers given: pass block indices, e.g. [3, -1], or None for all")
-        return sorted(out)
+        wanted = None if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        if wanted is not None and not wanted:
+            raise ZooError(f"no layers given: pass 0-based block indices 0..{depth - 1}, or None for all")
+        try:
+            return sorted(set(take_indices(depth, wanted)))
+        except (ValueError, TypeError):
+            raise ZooError(f"layers {layers!r} do not exist in this {depth}-block ViT (out of range): use 0..{depth - 1} "
+                           f"(0-based; -{depth}..-1 from the end)") from None
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Post-softmax attention of the last block (B, heads, prefix + N, prefix + N), as DINO's

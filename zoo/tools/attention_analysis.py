@@ -156,21 +156,6 @@ def _as_vit(model: nn.Module) -> nn.Module:
     return as_zoo_vit(model)
 
 
-def _check_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
-    """0-based block indices (negative: from the end), sorted and unique; a ZooError naming the valid range."""
-    if layers is None:
-        return list(range(depth))
-    out = []
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth:
-            raise ZooError(f"layer index {i!r} is out of range for a {depth}-block ViT: give 0-based block indices "
-                           f"0..{depth - 1} (or -{depth}..-1 from the end)")
-        out.append(i % depth)
-    if not out:
-        raise ZooError(f"no layers given; give 0-based block indices 0..{depth - 1}, or none for all")
-    return sorted(set(out))
-
-
 def _check_field(urls: list[str], image_field: str) -> None:
     """A ZooError naming the fields present when the first readable sample has no image field `image_field`."""
     from zoo.data.fields import IMAGE_EXTS, field_of
@@ -227,7 +212,7 @@ def analyze_attention(
             raise ZooError(f"{what} must be a positive integer, got {v!r}")
     vit = _as_vit(model)
     depth = len(vit.blocks)
-    measured = _check_layers(layers, depth)
+    measured = vit.layer_indices(layers)  # checked before any data is read
     url_list = [u for s in expand_sources(urls if isinstance(urls, str) else list(urls)) for u in s]
     _check_field(url_list, image_field)
     transform = eval_transform(vit.pretrained_cfg)
