@@ -7,7 +7,8 @@ otherwise; never val), refits it on all of train and reports it on val. Solving 
 axes of the standardized features, with a preconditioner built from their variances, makes it
 converge in tens of iterations even on the ill-conditioned features of a random or early backbone,
 where a fixed SGD schedule under-fits. `solver="sgd"` keeps the earlier DINOv2-style grid of SGD
-heads (feature variants x learning rates). `logistic_regression` is the L-BFGS solver on one tensor.
+heads (feature variants x learning rates). `logistic_regression` is the L-BFGS solver on one tensor;
+`fit_linear_head` returns its head, to classify new data.
 """
 
 from __future__ import annotations
@@ -279,13 +280,12 @@ def _selection_rows(labels: torch.Tensor, heldout: float, folds: int, seed: int,
     return torch.cat([fit, held]), torch.full((len(fit), 1), 1.0 / max(1, len(fit))), [torch.arange(len(fit), n)]
 
 
-def _lbfgs_select(
-    train: Mapping[str, torch.Tensor], train_labels: torch.Tensor, val: Mapping[str, torch.Tensor],
-    val_labels: torch.Tensor, num_classes: int, weight_decays: Sequence[float], heldout: float,
-    folds: int | None, seed: int, max_iter: int, row_extra: Mapping[str, object],
-) -> tuple[dict[str, object], float, list[dict[str, object]]]:
+def _lbfgs_fit(
+    train: Mapping[str, torch.Tensor], train_labels: torch.Tensor, num_classes: int, weight_decays: Sequence[float],
+    heldout: float, folds: int | None, seed: int, max_iter: int, row_extra: Mapping[str, object],
+) -> tuple[dict[str, object], _Projection, nn.Linear, list[dict[str, object]]]:
     """L2 path per feature variant, selected on train only (highest smoothed held-out accuracy, then lowest
-    held-out loss); the winner's path re-run on all of train; its val top-1."""
+    held-out loss); the winner's path re-run on all of train: (its row, projection, head on the projection, grid)."""
     if not weight_decays:
         raise ZooError("the L-BFGS probe needs at least one weight decay in weight_decays")
     n = len(train_labels)
@@ -323,8 +323,21 @@ def _lbfgs_select(
         with torch.no_grad():
             head.weight.copy_(theta[0, :-1].t())
             head.bias.copy_(theta[0, -1])
-        top1 = _accuracy(head, proj(val[name]), val_labels)
-    return _row(name, point, row_extra), top1, grid
+    return _row(name, point, row_extra), proj, head, grid
+
+
+def _lbfgs_select(
+    train: Mapping[str, torch.Tensor], train_labels: torch.Tensor, val: Mapping[str, torch.Tensor],
+    val_labels: torch.Tensor, num_classes: int, weight_decays: Sequence[float], heldout: float,
+    folds: int | None, seed: int, max_iter: int, row_extra: Mapping[str, object],
+) -> tuple[dict[str, object], float, list[dict[str, object]]]:
+    """`_lbfgs_fit` on train, then the chosen head's val top-1."""
+    row, proj, head, grid = _lbfgs_fit(train, train_labels, num_classes, weight_decays, heldout, folds, seed,
+                                       max_iter, row_extra)
+    work = len(val_labels) * num_classes * (head.in_features + 1)
+    with _one_thread_if_small(work):
+        top1 = _accuracy(head, proj(val[str(row["features"])]), val_labels)
+    return row, top1, grid
 
 
 # ---------------------------------------------------------------- SGD grid
@@ -443,6 +456,31 @@ def linear_probe(
         best, top1, grid = _lbfgs_select(train, train_labels, val, val_labels, num_classes, weight_decays, heldout,
                                          folds, seed, max_iter, {"solver": "lbfgs", "lr": 1.0})
     return ProbeResult(best=best, top1=top1, grid=grid)
+
+
+def fit_linear_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    heldout: float = 0.2,
+    folds: int | None = None,
+    seed: int = 0,
+    max_iter: int = 20,
+) -> nn.Linear:
+    """`linear_probe`'s L-BFGS head fitted on (N, D) features (L2 strength chosen on them alone), as one
+    `nn.Linear` from raw features to logits (its standardization folded in), for classifying new data."""
+    labels = labels.long()
+    if len(labels) == 0 or len(features) != len(labels):
+        raise ZooError(f"fit_linear_head needs one label per feature row, got {len(features)} rows and {len(labels)} labels")
+    num_classes = int(labels.max()) + 1
+    _, proj, head, _ = _lbfgs_fit({"features": features}, labels, num_classes, weight_decays, heldout, folds, seed,
+                                  max_iter, {})
+    fused = nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        fused.weight.copy_((proj.matrix @ head.weight.t()).t())
+        fused.bias.copy_(proj.offset @ head.weight.t() + head.bias)
+    return fused
 
 
 def logistic_regression(

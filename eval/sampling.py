@@ -192,6 +192,8 @@ class SampleResult:
     seconds: float
     trace: list[int] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
+    flops: int | None = None  # per sample, when measured (`generate`)
+    labels: list[int] = field(default_factory=list)
 
 
 def _null_class(model: nn.Module) -> int:
@@ -267,6 +269,71 @@ def sample(model: nn.Module, scheduler: Any, class_labels: Sequence[int] | torch
     return SampleResult(images=images.cpu(), seconds=time.perf_counter() - start, trace=trace, timesteps=timesteps)
 
 
+def parse_stitch(spec: str) -> tuple[str, float]:
+    """`NAME@FRACTION` (the CLI's `--stitch dit_nano_patch4_16.digits@0.4`) -> (name, fraction)."""
+    name, at, fraction = spec.rpartition("@")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = None
+    if not at or not name or value is None:
+        raise ConfigError(f"--stitch {spec!r}: write MODEL@FRACTION, e.g. --stitch dit_nano_patch4_16.digits@0.4")
+    return name, value
+
+
+def _denoiser(model: nn.Module | str) -> nn.Module:
+    if not isinstance(model, str):
+        return model
+    from zoo.hub import load
+
+    loaded = load(model)
+    loaded.zoo_name = model
+    return loaded
+
+
+def generate(model: nn.Module | str, *, stitch: Sequence[tuple[nn.Module | str, float]] = (), scheduler: str = "ddim",
+             steps: int = 50, n: int = 64, labels: Sequence[int] | None = None, guidance_scale: float = 1.0,
+             seed: int = 0, batch_size: int | None = None, device: str | torch.device = "cpu",
+             progress: bool = True, **scheduler_kwargs: Any) -> SampleResult:
+    """`n` samples of `model` (a name `zoo.load` takes, or a model), T-Stitched after the `stitch` models (each
+    with its fraction of the trajectory, the rest to `model`), with a named scheduler; labels cycle through the
+    classes unless given; a latent model's samples are decoded by its card's VAE. Checks everything before
+    sampling; `result.flops` is FLOPs per sample, `result.trace` the model of every step."""
+    large = _denoiser(model)
+    smalls = [(_denoiser(m), float(f)) for m, f in stitch]
+    rest = 1.0 - sum(f for _, f in smalls)
+    if smalls:
+        denoiser: nn.Module = TStitch(*[m for m, _ in smalls], large, fractions=[*(f for _, f in smalls), rest],
+                                      names=[getattr(m, "zoo_name", f"model {i}") for i, (m, _) in enumerate(smalls)]
+                                      + [getattr(large, "zoo_name", "the large model")])
+    else:
+        denoiser = large
+    sched = make_scheduler(scheduler, schedule_of(large), **scheduler_kwargs)
+    if steps < 1 or n < 1:
+        raise ConfigError(f"steps and n must be >= 1, got steps={steps}, n={n}")
+    kind, classes = _conditioning(large)
+    if labels is None:
+        labels = [i % classes for i in range(n)] if classes else [0] * n
+    bad = [y for y in labels if classes is not None and not 0 <= int(y) < classes]
+    if bad:
+        raise ConfigError(f"labels {sorted(set(bad))[:5]} are outside the model's classes 0..{classes - 1}")
+    latent = (getattr(large, "pretrained_cfg", None) or {}).get("latent")
+    vae = None
+    if latent:
+        from zoo.hub import load_vae
+
+        vae = load_vae(latent["vae"]).to(device)
+    denoiser.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    result = sample(denoiser, sched, labels, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                    vae=vae, batch_size=batch_size, progress=progress)
+    if not result.trace:
+        result.trace = [0] * len(result.timesteps)
+    result.flops = sampling_flops(denoiser, result.trace, guidance_scale)
+    result.labels = list(labels)
+    return result
+
+
 def forward_flops(model: nn.Module) -> int:
     """FLOPs of one forward of one sample (torch's counter: 2 per multiply-add), at the model's input size."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -287,5 +354,5 @@ def sampling_flops(model: nn.Module, trace: Sequence[int], guidance_scale: float
     return sum(per_model[i] for i in trace) * (2 if guidance_scale > 1 else 1)
 
 
-__all__ = ["TStitch", "sample", "SampleResult", "make_scheduler", "SCHEDULERS", "DEFAULT_SCHEDULE", "schedule_of",
+__all__ = ["TStitch", "sample", "generate", "parse_stitch", "SampleResult", "make_scheduler", "SCHEDULERS", "DEFAULT_SCHEDULE", "schedule_of",
            "check_stitchable", "forward_flops", "sampling_flops", "denoiser_models"]

@@ -195,11 +195,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import safetensors.torch
-
     from zoo.convert import fit_state_dict, load_checked
     from zoo.factory import create_model
-    from zoo.hub import make_card, publish, read_state_dict, read_untrusted_pickle
+    from zoo.hub import read_state_dict, read_untrusted_pickle
 
     src = Path(args.src)
     if args.source_format == "poa":
@@ -212,7 +210,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ConfigError("--last-heads sets a UNIP student's last-block head count; add --from unip")
     elif args.arch is None and args.source_format is None:
         raise ConfigError("zoo convert needs --arch ARCH, the zoo architecture SRC holds (e.g. --arch "
-                          "vit_base_patch16_224), or --from poa|unip for an official POA or UNIP checkpoint")
+                          "vit_base_patch16_224), or --from poa|unip|dit for an official POA, UNIP or DiT checkpoint")
+    if args.source_format == "dit":  # the whole checkpoint: dit_from_official takes its `ema` weights first
+        from zoo.hub import read_checkpoint
+        from zoo.models.dit import dit_from_official
+
+        model = dit_from_official(read_checkpoint(src, trust_pickle=args.trust_pickle), arch=args.arch)
+        card = {"provenance": {"converted_from": src.name, "method": "dit"}}
+        return _write_converted(model, card, args)
     sd = read_untrusted_pickle(src) if args.trust_pickle else read_state_dict(src)
     if args.source_format == "poa":
         from zoo.convert import poa_model
@@ -228,6 +233,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         model = create_model(args.arch)
         load_checked(model, fit_state_dict(sd, model), str(src), strict=not args.non_strict)
         card = {"provenance": {"converted_from": src.name}}
+    return _write_converted(model, card, args)
+
+
+def _write_converted(model: Any, card: dict[str, Any], args: argparse.Namespace) -> int:
+    import safetensors.torch
+
+    from zoo.hub import make_card, publish
+
     if args.out.endswith(".safetensors"):
         meta = make_card(model, Path(args.out).stem, card)
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -656,6 +669,73 @@ def cmd_analyze_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from zoo.engine.plots import image_grid
+    from zoo.eval.sampling import generate, parse_stitch
+
+    stitch = [parse_stitch(s) for s in args.stitch or ()]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = {"timestep_spacing": args.spacing} if args.spacing else {}
+    result = generate(args.model, stitch=stitch, scheduler=args.scheduler, steps=args.steps, n=args.n,
+                      labels=args.labels, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                      device=device, **extra)
+    names = [name for name, _ in stitch] + [args.model]
+    letters = "SL" if len(names) == 2 else "0123456789"
+    trace = "".join(letters[i] for i in result.trace)
+    cols = args.cols or min(len(result.labels), max(1, math.ceil(math.sqrt(len(result.labels)))))
+    rows = list(result.images.split(cols))
+    out = Path(args.out)
+    image_grid(rows, out, mean=(0.0,) * result.images.shape[1], std=(1.0,) * result.images.shape[1],
+               scale=max(1, 64 // result.images.shape[-1]))
+    fractions = [f for _, f in stitch]
+    info = {"model": args.model, "stitch": [{"model": n, "fraction": f} for n, f in stitch],
+            "large_fraction": round(1 - sum(fractions), 6), "scheduler": args.scheduler, "steps": args.steps,
+            "n": len(result.labels), "guidance_scale": args.guidance, "seed": args.seed, "device": device,
+            "seconds": round(result.seconds, 3), "seconds_per_image": round(result.seconds / len(result.labels), 5),
+            "gflops_per_image": round(result.flops / 1e9, 4), "trace": trace, "labels": result.labels,
+            "grid": str(out)}
+    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    who = " -> ".join(f"{n} ({f:.2f})" for n, f in zip(names, [*fractions, 1 - sum(fractions)]))
+    print(f"{who}: {len(result.labels)} images, {args.scheduler} {args.steps} steps, guidance {args.guidance}, "
+          f"on {device}")
+    print(f"time {result.seconds:.2f} s ({1000 * result.seconds / len(result.labels):.1f} ms/image), "
+          f"{result.flops / 1e9:.3f} GFLOPs/image (2 per multiply-add)")
+    if stitch:
+        print(f"steps by model ({'S: small, L: large' if len(names) == 2 else 'model index'}): {trace}")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def _sample_parser(sub: Any) -> None:
+    """`zoo sample`: class-conditional samples of a diffusion model, optionally T-Stitched from smaller ones."""
+    from zoo.eval.sampling import SCHEDULERS
+
+    s = sub.add_parser("sample", help="sample a class-conditional diffusion model (DiT), optionally T-Stitched: "
+                                      "small models for the first steps, MODEL for the rest")
+    s.add_argument("model", help="the (large) diffusion model: published name, folder, hf-hub:facebook/DiT-XL-2-256")
+    s.add_argument("--stitch", action="append", metavar="SMALL@FRACTION",
+                   help="a smaller model and its fraction of the trajectory, taken first (T-Stitch); repeat for "
+                        "several, smallest first, e.g. --stitch dit_nano_patch4_16.digits@0.4")
+    s.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="diffusers scheduler (default ddim)")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    s.add_argument("--spacing", choices=("leading", "trailing", "linspace"),
+                   help="timestep spacing (default: the scheduler's own; DiT's respacing is closest to trailing)")
+    s.add_argument("--n", type=int, default=64, help="images (default 64); labels cycle through the classes")
+    s.add_argument("--labels", type=int, nargs="+", help="class labels, one per image (overrides --n)")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, help="images per forward (default: all)")
+    s.add_argument("--cols", type=int, help="images per grid row (default: a square grid)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    s.add_argument("--out", default="samples.png", help="the image grid (PNG); its timing and settings go beside "
+                                                        "it as .json (default samples.png)")
+    s.set_defaults(fn=cmd_sample)
+
+
 def _analyze_parser(sub: Any) -> None:
     """`zoo analyze attention`: per-layer attention patterns of a ViT (NMI, distance, entropy, bands)."""
     an = sub.add_parser("analyze", help="analyse what a model does on data (attention patterns)").add_subparsers(
@@ -760,9 +840,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
     s.add_argument("out", help="OUT.safetensors, or a name to publish in the zoo store (arch.tag)")
     s.add_argument("--arch", help="zoo architecture, e.g. vit_base_patch16_224 (with --from poa/unip: inferred)")
-    s.add_argument("--from", dest="source_format", choices=("poa", "unip"),
+    s.add_argument("--from", dest="source_format", choices=("poa", "unip", "dit"),
                    help="poa: an official POA teacher_checkpoint.pth, cut to the sub-network --width x --depth; "
-                        "unip: an official UNIP checkpoint (its untrained last-block parts are reported)")
+                        "unip: an official UNIP checkpoint (its untrained last-block parts are reported); "
+                        "dit: an official DiT .pt (DiT-XL-2-256x256.pt, or a training checkpoint: its ema weights)")
     s.add_argument("--last-heads", type=int, help="with --from unip: the last block's head count, the teacher's "
                                                   "(16 for the released MAE-L/iBOT-L teachers, 12 for DINO-B)")
     s.add_argument("--width", type=int, help="with --from poa: embedding width, a multiple of the head size")
@@ -895,6 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_shards_check)
     _captions_parser(sub)
     _analyze_parser(sub)
+    _sample_parser(sub)
     return p
 
 

@@ -1,8 +1,9 @@
 """Names -> weights.
 
 `load(name)` resolves, in order: a model published in the zoo store (`$ZOO_HOME/models/NAME`),
-`hf-hub:org/repo`, `timm:NAME`, `open_clip:ARCH/TAG`, an `http(s)://...#sha256=HEX` URL, a known
-pretrained name from `WEIGHTS`, and a local directory (a zoo folder, or one timm's `save_for_hf` wrote) or
+`hf-hub:org/repo` (a zoo or timm repo, a diffusers DiT or DiT pipeline such as `facebook/DiT-XL-2-256`),
+`timm:NAME`, `open_clip:ARCH/TAG`, an `http(s)://...#sha256=HEX` URL, a known pretrained name from `WEIGHTS`,
+and a local directory (a zoo folder, one timm's `save_for_hf` wrote, a diffusers DiT or pipeline folder) or
 weights file. Published folders are readable by timm (`local-dir:`) and, for whole CLIP models, open_clip
 too: see `make_card` and `publish`. Weights are safetensors;
 pickles load only with `weights_only=True`; every remote file is checked against its sha256
@@ -60,6 +61,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # what open_clip's local-dir:/hf-hub: loaders read
 OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+DIFFUSERS_PIPELINE_FILE = "model_index.json"  # a diffusers pipeline folder/repo (its DiT under transformer/)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9][A-Za-z0-9_\-]*)?$")
 
@@ -393,7 +395,14 @@ def _remove_if_empty(folder: Path) -> None:
 
 # -- reading weight files ------------------------------------------------------------------------
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, or of a pickle read with `weights_only=True`."""
+    """Tensors of a safetensors file, or of a pickle read with `weights_only=True` (unwrapped: `zoo.convert.unwrap`)."""
+    ckpt = read_checkpoint(path)
+    return unwrap(ckpt) if isinstance(ckpt, dict) else _not_a_state_dict(Path(path), ckpt)
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
+    """A weights file as saved: a safetensors file's tensors, or a pickle's whole object (nesting kept, e.g.
+    DiT's {'model', 'ema', 'opt', 'args'}), read with `weights_only=True` unless the user trusts the file."""
     path = Path(path)
     if not path.is_file():
         raise ZooError(f"no such weights file: {path}")
@@ -402,6 +411,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors raises its own untyped errors on corrupt headers
             raise ZooError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -414,7 +425,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError) as e:
         raise ZooError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
-    return unwrap(ckpt) if isinstance(ckpt, dict) else _not_a_state_dict(path, ckpt)
+    return ckpt
 
 
 def _not_a_state_dict(path: Path, obj: Any):
@@ -423,8 +434,7 @@ def _not_a_state_dict(path: Path, obj: Any):
 
 def read_untrusted_pickle(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a pickled checkpoint with full unpickling: only for files the user says they trust."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
-    return unwrap(ckpt)
+    return unwrap(read_checkpoint(path, trust_pickle=True))
 
 
 def _safetensors_card(path: Path) -> dict[str, Any] | None:
@@ -466,9 +476,13 @@ def _finish(model: nn.Module, card: dict[str, Any] | None, source: str) -> nn.Mo
 
 
 def _load_dir(path: Path, overrides: dict[str, Any], strict: bool, arch: str | None = None) -> nn.Module:
+    if (path / DIFFUSERS_PIPELINE_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+        return _load_diffusers(path, overrides, pipeline=True)
     if not (path / CONFIG_FILE).is_file():
         raise UnknownNameError(_unknown_message(str(path)))
-    if is_timm_config(cfg := read_config(path)):
+    if isinstance(cfg := read_config(path), dict) and "_class_name" in cfg and "arch" not in cfg:
+        return _load_diffusers(path, overrides, pipeline=False)
+    if is_timm_config(cfg):
         if arch is not None:  # the weights into a zoo architecture, as for a bare file
             weights = next((path / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (path / f).is_file()), None)
             if weights is None:
@@ -544,6 +558,12 @@ def _load_file(path: Path, arch: str | None, overrides: dict[str, Any], strict: 
         card = _safetensors_card(path) or _card_beside(path, arch)
     elif path.suffix not in PICKLE_SUFFIXES:
         raise ZooError(f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+    ckpt = read_checkpoint(path)
+    if _is_official_dit(ckpt):  # facebookresearch/DiT's format: converted (its `ema` weights first)
+        from zoo.models.dit import dit_from_official
+
+        model = dit_from_official(ckpt, arch=split_name(arch)[0] if arch else None)
+        return _finish(model, {"arch": model.zoo_arch, "args": model.zoo_args, "format": "dit"}, str(path))
     if arch is not None:
         card = {**(card or {}), "arch": split_name(arch)[0]}
     if card is None:
@@ -552,22 +572,34 @@ def _load_file(path: Path, arch: str | None, overrides: dict[str, Any], strict: 
             f"zoo.load({str(path)!r}, arch='vit_base_patch16_224')"
         )
     model = _build_from_card(card, overrides)
-    sd = fit_state_dict(read_state_dict(path), model)
+    sd = fit_state_dict(unwrap(ckpt) if isinstance(ckpt, dict) else _not_a_state_dict(path, ckpt), model)
     load_checked(model, sd, str(path), strict=strict)
     return _finish(model, card, str(path))
 
 
+def _is_official_dit(ckpt: Any) -> bool:
+    return isinstance(ckpt, dict) and any(isinstance(d, dict) and "x_embedder.proj.weight" in d
+                                          for d in (ckpt, ckpt.get("ema"), ckpt.get("model")))
+
+
 def _load_hf(repo: str, overrides: dict[str, Any], strict: bool) -> nn.Module:
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     repo_id, _, revision = repo.partition("@")
     try:
-        cfg_path = Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision or None))
+        try:
+            cfg_path = Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision or None))
+        except EntryNotFoundError:  # no config.json at the top: a diffusers pipeline repo (model_index.json)?
+            hf_hub_download(repo_id, DIFFUSERS_PIPELINE_FILE, revision=revision or None)
+            return _load_diffusers(repo_id, overrides, revision=revision or None, pipeline=True)
         card = json.loads(cfg_path.read_text())
         if "architecture" in card and "arch" not in card:  # a timm-format repo: let timm read it
             import timm
 
             return _finish(timm.create_model(f"hf-hub:{repo}", pretrained=True, **overrides), card, f"hf-hub:{repo}")
+        if "_class_name" in card and "arch" not in card:  # one diffusers model
+            return _load_diffusers(repo_id, overrides, revision=revision or None, pipeline=False)
         weights = Path(hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision or None))
     except Exception as e:
         if isinstance(e, ZooError):
@@ -576,6 +608,42 @@ def _load_hf(repo: str, overrides: dict[str, Any], strict: bool) -> nn.Module:
     model = _build_from_card(card, overrides)
     load_checked(model, fit_state_dict(read_state_dict(weights), model), f"hf-hub:{repo}", strict=strict)
     return _finish(model, card, f"hf-hub:{repo}")
+
+
+def _load_diffusers(source: str | Path, overrides: dict[str, Any], *, revision: str | None = None,
+                    pipeline: bool) -> nn.Module:
+    """A diffusers DiT (a model folder or repo, or a pipeline's `transformer`) as a zoo DiT; a latent one's
+    card names the pipeline's own VAE (`load_vae`)."""
+    import diffusers
+
+    from zoo.models.dit import as_zoo_dit
+
+    where = f"hf-hub:{source}" if not Path(str(source)).exists() else str(source)
+    if overrides:
+        raise ConfigError(f"{where}: a diffusers model loads as saved; publish it (zoo.publish) to change "
+                          f"{', '.join(overrides)}")
+    try:  # Transformer2DModel maps legacy DiT configs (facebook/DiT-XL-2-256) onto DiTTransformer2DModel
+        model = diffusers.Transformer2DModel.from_pretrained(str(source), subfolder="transformer" if pipeline else None,
+                                                             revision=revision)
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"{where}: diffusers could not load its transformer ({_first_line(e)})") from None
+    vae = (f"{source}:vae" if revision is None else f"{source}@{revision}:vae") if pipeline else None
+    model = as_zoo_dit(model, vae=vae)  # a pipeline's latents decode with its own VAE
+    return _finish(model, {"arch": model.zoo_arch, "args": model.zoo_args, "format": "diffusers"}, where)
+
+
+def load_vae(spec: str) -> nn.Module:
+    """The VAE of a latent diffusion model (its card's `latent.vae`): a diffusers repo id or folder, with
+    `:SUBFOLDER` for a pipeline's (`facebook/DiT-XL-2-256:vae`), frozen, eval mode."""
+    from diffusers import AutoencoderKL
+
+    source, _, sub = spec.rpartition(":") if ":" in spec.split("/")[-1] else (spec, "", "")
+    repo, _, revision = source.partition("@")
+    try:
+        vae = AutoencoderKL.from_pretrained(repo, subfolder=sub or None, revision=revision or None)
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"VAE {spec}: diffusers could not load it ({_first_line(e)})") from None
+    return vae.requires_grad_(False).eval()
 
 
 def _load_timm(name: str, overrides: dict[str, Any]) -> nn.Module:

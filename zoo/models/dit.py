@@ -81,10 +81,18 @@ def finish_dit(model: nn.Module, *, freq_shift: int = 1, latent: dict[str, Any] 
     return model
 
 
+def _latent(latent: bool, vae: str | None, sample_size: int) -> dict[str, Any] | None:
+    """What a latent DiT's samples need decoding with: the VAE (a diffusers repo or folder, `:SUBFOLDER` for a
+    pipeline's) and its scaling; None for a pixel DiT."""
+    if not latent:
+        return None
+    return {"vae": vae or SD_VAE, "scaling_factor": SD_VAE_SCALE, "image_size": sample_size * 8}
+
+
 def _dit_factory(arch: str):
     spec = DIT_ARCHS[arch]
 
-    def build(freq_shift: int = 1, **overrides: Any) -> nn.Module:
+    def build(freq_shift: int = 1, vae: str | None = None, **overrides: Any) -> nn.Module:
         from diffusers import DiTTransformer2DModel
 
         kwargs = {**diffusers_config(arch), **overrides}
@@ -93,9 +101,8 @@ def _dit_factory(arch: str):
         except TypeError as e:
             raise ConfigError(f"{arch}: {e}; arguments are DiTTransformer2DModel's ({', '.join(diffusers_config(arch))}) "
                               "and freq_shift") from None
-        latent = {"vae": SD_VAE, "scaling_factor": SD_VAE_SCALE, "image_size": kwargs["sample_size"] * 8} \
-            if spec.get("latent") else None
-        return finish_dit(model, freq_shift=freq_shift, latent=latent)
+        return finish_dit(model, freq_shift=freq_shift, latent=_latent(spec.get("latent") or vae is not None, vae,
+                                                                      kwargs["sample_size"]))
 
     return build
 
@@ -124,16 +131,16 @@ def arch_for_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     raise ConfigError(f"no zoo DiT architecture has {want}; the registered ones are {', '.join(DIT_ARCHS)}")
 
 
-def as_zoo_dit(model: nn.Module, *, freq_shift: int = 1) -> nn.Module:
+def as_zoo_dit(model: nn.Module, *, freq_shift: int = 1, vae: str | None = None) -> nn.Module:
     """A diffusers DiT (e.g. from `DiTTransformer2DModel.from_pretrained`) as a zoo model of the matching arch,
-    same object, same weights, so `zoo.publish` and `zoo.load` round-trip it."""
+    same object, same weights, so `zoo.publish` and `zoo.load` round-trip it; `vae` names its latents' VAE."""
     if not is_dit(model):
         raise ConfigError(f"{type(model).__name__} is not a diffusers DiTTransformer2DModel")
     arch, args = arch_for_config(dict(model.config))
-    latent = {"vae": SD_VAE, "scaling_factor": SD_VAE_SCALE, "image_size": model.config.sample_size * 8} \
-        if DIT_ARCHS[arch].get("latent") else None
+    latent = _latent(bool(DIT_ARCHS[arch].get("latent")) or vae is not None, vae, model.config.sample_size)
     finish_dit(model, freq_shift=freq_shift, latent=latent)
-    model.zoo_arch, model.zoo_args = arch, {**args, **({"freq_shift": freq_shift} if freq_shift != 1 else {})}
+    args.update({"freq_shift": freq_shift} if freq_shift != 1 else {}, **({"vae": vae} if vae else {}))
+    model.zoo_arch, model.zoo_args = arch, args
     return model
 
 
@@ -207,8 +214,14 @@ def dit_from_official(checkpoint: Mapping[str, Any], *, arch: str | None = None)
         args = {"in_channels": channels, "out_channels": out, "num_embeds_ada_norm": classes,
                 **({"sample_size": side} if side else {})}
         args = {k: v for k, v in args.items() if diffusers_config(arch).get(k) != v}
-    model = create_model(arch, freq_shift=0, **args)
+    model = create_model(arch, freq_shift=0, norm_eps=1e-6, **args)  # DiT's LayerNorms all use eps 1e-6
     load_checked(model, official_to_diffusers(sd), "DiT checkpoint", strict=True)
+    fixed = model.pos_embed.pos_embed
+    if "pos_embed" in sd and (sd["pos_embed"].shape != fixed.shape or not torch.allclose(sd["pos_embed"].float(),
+                                                                                         fixed.float(), atol=1e-4)):
+        raise CheckpointMismatchError("DiT checkpoint: its pos_embed is not the fixed 2-D sin-cos embedding "
+                                      f"diffusers' DiT uses (shape {tuple(sd['pos_embed'].shape)} vs "
+                                      f"{tuple(fixed.shape)}); it cannot be converted faithfully")
     return model
 
 
