@@ -270,14 +270,14 @@ def sample(model: nn.Module, scheduler: Any, class_labels: Sequence[int] | torch
 
 
 def parse_stitch(spec: str) -> tuple[str, float]:
-    """`NAME@FRACTION` (the CLI's `--stitch dit_nano_patch4_16.digits@0.4`) -> (name, fraction)."""
+    """`NAME@FRACTION` (the CLI's `--stitch dit_nano_patch2_8.digits@0.4`) -> (name, fraction)."""
     name, at, fraction = spec.rpartition("@")
     try:
         value = float(fraction)
     except ValueError:
         value = None
     if not at or not name or value is None:
-        raise ConfigError(f"--stitch {spec!r}: write MODEL@FRACTION, e.g. --stitch dit_nano_patch4_16.digits@0.4")
+        raise ConfigError(f"--stitch {spec!r}: write MODEL@FRACTION, e.g. --stitch dit_nano_patch2_8.digits@0.4")
     return name, value
 
 

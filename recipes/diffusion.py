@@ -131,8 +131,8 @@ class Diffusion(Method):
         generator = torch.Generator().manual_seed(0)
         result = sample(self.ema, make_scheduler("ddim", self.schedule), labels, steps=25, guidance_scale=2.0,
                         generator=generator, progress=False)
-        rows = list(result.images.split(8))
-        return [image_grid(rows, folder / "samples.png", mean=(0.0,) * 3, std=(1.0,) * 3,
+        rows, c = list(result.images.split(8)), result.images.shape[1]
+        return [image_grid(rows, folder / "samples.png", mean=(0.0,) * c, std=(1.0,) * c,
                            row_labels=[f"class {i}" for i in range(classes)])]
 
 
@@ -141,7 +141,7 @@ RECIPES.register(
     Diffusion,
     family="diffusion",
     paper="arXiv:2006.11239 (DDPM), arXiv:2212.09748 (DiT)",
-    cpu_recipe="diffusion_dit_tiny_patch4_16_digits",
+    cpu_recipe="diffusion_dit_tiny_patch2_8_digits",
     description="DiT diffusion training: DDPM noise prediction, classifier-free-guidance label dropout, EMA weights "
                 "published (the models T-Stitch samples with)",
 )

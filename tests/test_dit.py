@@ -45,12 +45,12 @@ def _perturb(model, scale: float = 0.05):
 
 def test_dits_are_registered_as_diffusion_models_at_both_scales():
     names = set(zoo.list_models("dit_*"))
-    assert {"dit_nano_patch4_16", "dit_tiny_patch4_16", "dit_small_patch2_256", "dit_base_patch2_256",
+    assert {"dit_nano_patch2_8", "dit_tiny_patch2_8", "dit_small_patch2_256", "dit_base_patch2_256",
             "dit_xlarge_patch2_256"} <= names
     # the paper's sizes (diffusers gives each block its own timestep/label embedder, so counts exceed DiT's)
     assert 33e6 < count_params("dit_small_patch2_256") < 41e6
     assert 675e6 < count_params("dit_xlarge_patch2_256") < 760e6
-    small, large = (count_params(n) for n in ("dit_nano_patch4_16", "dit_tiny_patch4_16"))
+    small, large = (count_params(n) for n in ("dit_nano_patch2_8", "dit_tiny_patch2_8"))
     assert large > 8 * small
 
 
@@ -76,7 +76,7 @@ def test_dit_forward_backward_publish_load(name):
 def test_zoo_dit_never_drops_labels_itself():
     """diffusers' label embedder drops labels in training mode, in every block separately; zoo's recipe
     drops them once per sample, so the model must not."""
-    model = _perturb(zoo.create_model("dit_nano_patch4_16")).train()
+    model = _perturb(zoo.create_model("dit_nano_patch2_8")).train()
     x, t, y = _inputs(model, batch=16)
     y = y.clamp(max=9)
     a = model(x, timestep=t, class_labels=y).sample
@@ -94,7 +94,7 @@ def test_arch_for_config_matches_structure_and_refuses_unknown():
 
 
 # -- official DiT checkpoints -----------------------------------------------------------------------------
-WIDTH, DEPTH, HEADS, PATCH, SIZE, CH, CLASSES = 64, 4, 2, 4, 8, 4, 10  # dit_nano_patch4_16's structure
+WIDTH, DEPTH, HEADS, PATCH, SIZE, CH, CLASSES = 64, 4, 2, 4, 8, 4, 10  # dit_nano_patch2_8's structure
 
 
 def _official_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -162,14 +162,14 @@ def _io():
 
 def test_official_dit_checkpoint_converts_to_what_dit_computes():
     sd = _official_state_dict(0)
-    model = dit_from_official(sd, arch="dit_nano_patch4_16").eval()
+    model = dit_from_official(sd, arch="dit_nano_patch2_8").eval()
     x, t, y = _io()
     with torch.no_grad():
         ours = model(x, timestep=t, class_labels=y).sample
     ref = _official_forward(sd, x, t, y)
     assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), (ours - ref).abs().max()
     # diffusers' own timestep frequencies (freq_shift=1, its default) are NOT DiT's: the reason freq_shift exists
-    shifted = zoo.create_model("dit_nano_patch4_16", **model.zoo_args | {"freq_shift": 1})
+    shifted = zoo.create_model("dit_nano_patch2_8", **model.zoo_args | {"freq_shift": 1})
     shifted.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert not torch.allclose(shifted.eval()(x, timestep=t, class_labels=y).sample, ref, atol=1e-4)
@@ -180,12 +180,12 @@ def test_training_checkpoint_loads_its_ema_weights_by_file_and_by_convert(tmp_pa
     path = tmp_path / "0400000.pt"
     torch.save({"model": raw, "ema": ema, "opt": {}, "args": {"model": "DiT-S/2"}}, path)
     x, t, y = _io()
-    loaded = zoo.load(path, arch="dit_nano_patch4_16")  # a pickle of tensors only: weights_only is enough
+    loaded = zoo.load(path, arch="dit_nano_patch2_8")  # a pickle of tensors only: weights_only is enough
     with torch.no_grad():
         assert torch.allclose(loaded(x, timestep=t, class_labels=y).sample, _official_forward(ema, x, t, y), atol=1e-5)
-    assert main(["convert", str(path), "dit_nano_patch4_16.converted", "--from", "dit", "--arch",
-                 "dit_nano_patch4_16"]) == 0
-    again = zoo.load("dit_nano_patch4_16.converted")
+    assert main(["convert", str(path), "dit_nano_patch2_8.converted", "--from", "dit", "--arch",
+                 "dit_nano_patch2_8"]) == 0
+    again = zoo.load("dit_nano_patch2_8.converted")
     assert again.zoo_card["provenance"]["method"] == "dit" and again.zoo_card["args"]["freq_shift"] == 0
     with torch.no_grad():
         assert torch.equal(again(x, timestep=t, class_labels=y).sample, loaded(x, timestep=t, class_labels=y).sample)
@@ -199,7 +199,7 @@ def test_official_checkpoint_errors_are_one_line():
     bad = _official_state_dict(0)
     bad["pos_embed"] = bad["pos_embed"] + 1
     with pytest.raises(CheckpointMismatchError, match="pos_embed is not the fixed"):
-        dit_from_official(bad, arch="dit_nano_patch4_16")
+        dit_from_official(bad, arch="dit_nano_patch2_8")
 
 
 # -- diffusers folders and the Hub, offline -------------------------------------------------------------
@@ -210,7 +210,7 @@ def _fake_dit_pipeline_cache(root, repo: str = "facebook/DiT-XL-2-256"):
 
     folder = root / f"models--{repo.replace('/', '--')}"
     snap = folder / "snapshots" / ("0" * 40)
-    model = _perturb(zoo.create_model("dit_nano_patch4_16", in_channels=4, out_channels=8, sample_size=8,
+    model = _perturb(zoo.create_model("dit_nano_patch2_8", in_channels=4, out_channels=8, sample_size=8,
                                       num_embeds_ada_norm=1000))
     model.save_pretrained(snap / "transformer")
     cfg = json.loads((snap / "transformer" / "config.json").read_text())
@@ -232,12 +232,12 @@ def test_hf_hub_dit_pipeline_loads_offline_through_diffusers(tmp_path):
 
     original, snap = _fake_dit_pipeline_cache(__import__("pathlib").Path(hf_constants.HF_HUB_CACHE))
     model = zoo.load("hf-hub:facebook/DiT-XL-2-256")
-    assert model.zoo_arch == "dit_nano_patch4_16" and model.zoo_source == "hf-hub:facebook/DiT-XL-2-256"
+    assert model.zoo_arch == "dit_nano_patch2_8" and model.zoo_source == "hf-hub:facebook/DiT-XL-2-256"
     assert model.pretrained_cfg["latent"]["vae"] == "facebook/DiT-XL-2-256:vae"
     x, t, y = _inputs(model)
     with torch.no_grad():
         assert torch.equal(model(x, timestep=t, class_labels=y).sample, original(x, timestep=t, class_labels=y).sample)
     assert type(load_vae(model.pretrained_cfg["latent"]["vae"])).__name__ == "AutoencoderKL"
-    assert zoo.load(snap).zoo_arch == "dit_nano_patch4_16"  # the same pipeline as a local folder
-    zoo.publish(model, "dit_nano_patch4_16.hub")  # and into the zoo store, keeping its VAE
-    assert zoo.load("dit_nano_patch4_16.hub").pretrained_cfg["latent"]["vae"] == "facebook/DiT-XL-2-256:vae"
+    assert zoo.load(snap).zoo_arch == "dit_nano_patch2_8"  # the same pipeline as a local folder
+    zoo.publish(model, "dit_nano_patch2_8.hub")  # and into the zoo store, keeping its VAE
+    assert zoo.load("dit_nano_patch2_8.hub").pretrained_cfg["latent"]["vae"] == "facebook/DiT-XL-2-256:vae"

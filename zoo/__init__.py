@@ -5,6 +5,7 @@
     model = zoo.load("vit_tiny_patch4_32.mae_fractal")      # published weights, by name
     zoo.list_models("vit_*_patch4_*")
     result = zoo.pretrain("dino_vit_tiny_patch4_32_fractals", steps=50)   # a recipe on its built-in data
+    result = zoo.sample("dit_tiny_patch2_8.digits", stitch=[("dit_nano_patch2_8.digits", 0.4)])  # T-Stitch
 """
 
 from zoo.version import __version__  # noqa: E402
@@ -29,4 +30,13 @@ def pretrain(recipe, *, data=None, overrides=(), run_dir=None, resume=False, ove
     return run(recipe, data=data, overrides=lines, run_dir=run_dir, resume=resume, overwrite=overwrite)
 
 
-__all__ = ["__version__", "ZooError", "create_model", "list_models", "load", "publish", "register_weights", "pretrain"]
+def sample(model, **kwargs):
+    """Class-conditional samples of a diffusion model (a name or a model), T-Stitched after `stitch=[(small,
+    fraction), ...]`: `zoo.eval.sampling.generate`'s SampleResult (images in [0, 1], seconds, FLOPs, trace)."""
+    from zoo.eval.sampling import generate
+
+    return generate(model, **kwargs)
+
+
+__all__ = ["__version__", "ZooError", "create_model", "list_models", "load", "publish", "register_weights", "pretrain",
+           "sample"]

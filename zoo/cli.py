@@ -719,7 +719,7 @@ def _sample_parser(sub: Any) -> None:
     s.add_argument("model", help="the (large) diffusion model: published name, folder, hf-hub:facebook/DiT-XL-2-256")
     s.add_argument("--stitch", action="append", metavar="SMALL@FRACTION",
                    help="a smaller model and its fraction of the trajectory, taken first (T-Stitch); repeat for "
-                        "several, smallest first, e.g. --stitch dit_nano_patch4_16.digits@0.4")
+                        "several, smallest first, e.g. --stitch dit_nano_patch2_8.digits@0.4")
     s.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS), help="diffusers scheduler (default ddim)")
     s.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     s.add_argument("--spacing", choices=("leading", "trailing", "linspace"),

@@ -4,8 +4,8 @@ A zoo DiT IS a diffusers model (`forward(x_t, timestep, class_labels).sample`, `
 into a stock `DiTPipeline` as its `transformer` and publishes like every zoo model (its state dict is diffusers',
 key for key). Registered at two scales (`DIT_ARCHS`):
 
-- CPU scale, in pixel space: 16 px images (the built-in digits are 8x8 at heart), patch 4, 3 channels,
-  10 classes; a small and a large one for T-Stitch, 13x apart in FLOPs (the paper's DiT-S vs DiT-XL: 23x).
+- CPU scale, in pixel space: 8 px grey images (the built-in digits at their native 8x8: scikit-learn's real
+  handwritten digits), patch 2, 10 classes; a small and a large one for T-Stitch, 13x apart in FLOPs (the paper's DiT-S vs DiT-XL: 23x).
 - The paper's sizes (DiT-S/B/L/XL with patch 2) on the 32x32x4 latents of SD's VAE (256 px images), learned
   sigma (8 output channels), 1000 ImageNet classes: `dit_xlarge_patch2_256` loads FAIR's DiT-XL/2.
 
@@ -34,8 +34,8 @@ SD_VAE_SCALE = 0.18215
 
 # name -> (width, depth, heads, patch, sample size, in channels, out channels, classes, latent)
 DIT_ARCHS: dict[str, dict[str, Any]] = {
-    "dit_nano_patch4_16": dict(width=64, depth=4, heads=2, patch=4, size=16, channels=3, out=3, classes=10),
-    "dit_tiny_patch4_16": dict(width=192, depth=6, heads=3, patch=4, size=16, channels=3, out=3, classes=10),
+    "dit_nano_patch2_8": dict(width=64, depth=4, heads=2, patch=2, size=8, channels=1, out=1, classes=10),
+    "dit_tiny_patch2_8": dict(width=192, depth=6, heads=3, patch=2, size=8, channels=1, out=1, classes=10),
     "dit_small_patch2_256": dict(width=384, depth=12, heads=6, patch=2, size=32, channels=4, out=8, classes=1000,
                                  latent=True),
     "dit_base_patch2_256": dict(width=768, depth=12, heads=12, patch=2, size=32, channels=4, out=8, classes=1000,
