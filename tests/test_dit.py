@@ -14,7 +14,8 @@ import zoo
 from zoo.cli import main
 from zoo.errors import CheckpointMismatchError, ConfigError
 from zoo.factory import count_params
-from zoo.models.dit import DIT_ARCHS, arch_for_config, dit_from_official
+from zoo.convert import dit_model
+from zoo.models.dit import DIT_ARCHS, arch_for_config
 from zoo.models.vit import sincos_pos_embed_2d
 from zoo.registry import MODELS
 
@@ -94,7 +95,7 @@ def test_arch_for_config_matches_structure_and_refuses_unknown():
 
 
 # -- official DiT checkpoints -----------------------------------------------------------------------------
-WIDTH, DEPTH, HEADS, PATCH, SIZE, CH, CLASSES = 64, 4, 2, 4, 8, 4, 10  # dit_nano_patch2_8's structure
+WIDTH, DEPTH, HEADS, PATCH, SIZE, CH, CLASSES = 64, 4, 2, 2, 8, 4, 10  # dit_nano_patch2_8's structure
 
 
 def _official_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -162,7 +163,7 @@ def _io():
 
 def test_official_dit_checkpoint_converts_to_what_dit_computes():
     sd = _official_state_dict(0)
-    model = dit_from_official(sd, arch="dit_nano_patch2_8").eval()
+    model = dit_model(sd, arch="dit_nano_patch2_8").eval()
     x, t, y = _io()
     with torch.no_grad():
         ours = model(x, timestep=t, class_labels=y).sample
@@ -193,13 +194,13 @@ def test_training_checkpoint_loads_its_ema_weights_by_file_and_by_convert(tmp_pa
 
 def test_official_checkpoint_errors_are_one_line():
     with pytest.raises(CheckpointMismatchError, match="not an official DiT checkpoint"):
-        dit_from_official({"blocks.0.attn.qkv.weight": torch.zeros(3, 1)})
+        dit_model({"blocks.0.attn.qkv.weight": torch.zeros(3, 1)})
     with pytest.raises(ConfigError, match="head count is not in the tensors; pass --arch"):
-        dit_from_official(_official_state_dict(0))  # width 64 is no DiT size
+        dit_model(_official_state_dict(0))  # width 64 is no DiT size
     bad = _official_state_dict(0)
     bad["pos_embed"] = bad["pos_embed"] + 1
     with pytest.raises(CheckpointMismatchError, match="pos_embed is not the fixed"):
-        dit_from_official(bad, arch="dit_nano_patch2_8")
+        dit_model(bad, arch="dit_nano_patch2_8")
 
 
 # -- diffusers folders and the Hub, offline -------------------------------------------------------------

@@ -211,11 +211,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.arch is None and args.source_format is None:
         raise ConfigError("zoo convert needs --arch ARCH, the zoo architecture SRC holds (e.g. --arch "
                           "vit_base_patch16_224), or --from poa|unip|dit for an official POA, UNIP or DiT checkpoint")
-    if args.source_format == "dit":  # the whole checkpoint: dit_from_official takes its `ema` weights first
+    if args.source_format == "dit":  # the whole checkpoint: dit_model takes its `ema` weights first
         from zoo.hub import read_checkpoint
-        from zoo.models.dit import dit_from_official
+        from zoo.convert import dit_model
 
-        model = dit_from_official(read_checkpoint(src, trust_pickle=args.trust_pickle), arch=args.arch)
+        model = dit_model(read_checkpoint(src, trust_pickle=args.trust_pickle), arch=args.arch)
         card = {"provenance": {"converted_from": src.name, "method": "dit"}}
         return _write_converted(model, card, args)
     sd = read_untrusted_pickle(src) if args.trust_pickle else read_state_dict(src)

@@ -6,7 +6,8 @@ into our modules; `load_checked` then refuses any dict that does not fit, naming
 unexpected and mis-shaped keys. A timm `VisionTransformer` becomes the zoo ViT with the same weights and forward
 (`from_timm`, `as_zoo_vit`: attention hooks, UNIP teachers); official UNIP checkpoints load with their last block's
 own head count (`unip_model`). Official POA checkpoints (one elastic ViT holding many sizes) are sliced into
-the plain ViT of a chosen width and depth (`poa_to_vit`, `poa_model`). The other way, `to_timm` and `timm_config` describe a zoo model as the
+the plain ViT of a chosen width and depth (`poa_to_vit`, `poa_model`). Official DiT checkpoints (their `ema`
+weights first) become zoo DiTs (`dit_model`). The other way, `to_timm` and `timm_config` describe a zoo model as the
 timm model that loads its state dict unchanged.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from zoo.errors import CheckpointMismatchError, ZooError
+from zoo.errors import CheckpointMismatchError, ConfigError, ZooError
 
 log = logging.getLogger(__name__)
 
@@ -435,3 +436,31 @@ def unip_model(checkpoint_or_state_dict: Mapping[str, Any], *, last_heads: int =
     model.unip = {"last_heads": last_heads, "untrained": untrained}
     return model
 
+
+def dit_model(checkpoint: Mapping[str, Any], *, arch: str | None = None) -> nn.Module:
+    """An official DiT checkpoint (`DiT-XL-2-256x256.pt`, or a training checkpoint: its `ema` weights) as a zoo
+    DiT computing what DiT computed (`freq_shift=0`, LayerNorm eps 1e-6); the arch is inferred unless given."""
+    from zoo.factory import create_model
+    from zoo.models.dit import DIT_ARCHS, arch_for_config, diffusers_config, official_config, official_state_dict, \
+        official_to_diffusers
+
+    sd = official_state_dict(checkpoint)
+    config = official_config(sd)
+    if arch is None:
+        if config["num_attention_heads"] is None:
+            width = sd["x_embedder.proj.weight"].shape[0]
+            raise ConfigError(f"DiT checkpoint of width {width}: the head count is not in the tensors; pass "
+                              "--arch (one of " + ", ".join(DIT_ARCHS) + ")")
+        arch, args = arch_for_config(config)
+    else:
+        keys = ("in_channels", "out_channels", "num_embeds_ada_norm", "sample_size")
+        args = {k: config[k] for k in keys if config[k] is not None and diffusers_config(arch).get(k) != config[k]}
+    model = create_model(arch, freq_shift=0, norm_eps=1e-6, **args)  # DiT's LayerNorms all use eps 1e-6
+    load_checked(model, official_to_diffusers(sd), "DiT checkpoint", strict=True)
+    fixed = model.pos_embed.pos_embed
+    if "pos_embed" in sd and (sd["pos_embed"].shape != fixed.shape or not torch.allclose(sd["pos_embed"].float(),
+                                                                                         fixed.float(), atol=1e-4)):
+        raise CheckpointMismatchError("DiT checkpoint: its pos_embed is not the fixed 2-D sin-cos embedding "
+                                      f"diffusers' DiT uses (shape {tuple(sd['pos_embed'].shape)} vs "
+                                      f"{tuple(fixed.shape)}); it cannot be converted faithfully")
+    return model

@@ -560,9 +560,9 @@ def _load_file(path: Path, arch: str | None, overrides: dict[str, Any], strict: 
         raise ZooError(f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
     ckpt = read_checkpoint(path)
     if _is_official_dit(ckpt):  # facebookresearch/DiT's format: converted (its `ema` weights first)
-        from zoo.models.dit import dit_from_official
+        from zoo.convert import dit_model
 
-        model = dit_from_official(ckpt, arch=split_name(arch)[0] if arch else None)
+        model = dit_model(ckpt, arch=split_name(arch)[0] if arch else None)
         return _finish(model, {"arch": model.zoo_arch, "args": model.zoo_args, "format": "dit"}, str(path))
     if arch is not None:
         card = {**(card or {}), "arch": split_name(arch)[0]}

@@ -13,7 +13,7 @@ Two things differ from diffusers' defaults, both settable: (1) diffusers' label 
 in training mode, independently in every block; a zoo DiT never does (`dropout_prob = 0`, the null-label row
 kept): classifier-free-guidance dropout is the recipe's, once per sample. (2) `freq_shift`: diffusers embeds
 timesteps with frequencies exp(-ln(1e4) i / (half - 1)), the original DiT with / half; `freq_shift=0` gives
-the original's (what `dit_from_official` sets, so converted checkpoints compute exactly what DiT did).
+the original's (what `zoo.convert.dit_model` sets, so converted checkpoints compute exactly what DiT did).
 """
 
 from __future__ import annotations
@@ -187,43 +187,18 @@ def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def dit_from_official(checkpoint: Mapping[str, Any], *, arch: str | None = None) -> nn.Module:
-    """An official DiT checkpoint (`DiT-XL-2-256x256.pt`, or a training checkpoint: its `ema` weights) as a zoo
-    DiT computing what DiT computed (`freq_shift=0`); the arch is inferred from the tensors unless given."""
-    from zoo.convert import load_checked
-    from zoo.factory import create_model
-
-    sd = official_state_dict(checkpoint)
+def official_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The diffusers config an official DiT state dict implies (heads from DiT's sizes: S 6, B 12, L/XL 16)."""
     proj = sd["x_embedder.proj.weight"]
-    width, channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
-    side = round(tokens**0.5) * patch if tokens else None
-    out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
-    classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1  # DiT's table has the null row
+    width, patch = proj.shape[0], proj.shape[-1]
     heads = {384: 6, 768: 12, 1024: 16, 1152: 16}.get(width)
-    if arch is None:
-        if heads is None:
-            raise ConfigError(f"DiT checkpoint of width {width}: the head count is not in the tensors; pass "
-                              "--arch (one of " + ", ".join(DIT_ARCHS) + ")")
-        config = {"num_attention_heads": heads, "attention_head_dim": width // heads, "num_layers": depth,
-                  "patch_size": patch, "in_channels": channels, "out_channels": out, "sample_size": side,
-                  "num_embeds_ada_norm": classes}
-        arch, args = arch_for_config(config)
-    else:
-        args = {"in_channels": channels, "out_channels": out, "num_embeds_ada_norm": classes,
-                **({"sample_size": side} if side else {})}
-        args = {k: v for k, v in args.items() if diffusers_config(arch).get(k) != v}
-    model = create_model(arch, freq_shift=0, norm_eps=1e-6, **args)  # DiT's LayerNorms all use eps 1e-6
-    load_checked(model, official_to_diffusers(sd), "DiT checkpoint", strict=True)
-    fixed = model.pos_embed.pos_embed
-    if "pos_embed" in sd and (sd["pos_embed"].shape != fixed.shape or not torch.allclose(sd["pos_embed"].float(),
-                                                                                         fixed.float(), atol=1e-4)):
-        raise CheckpointMismatchError("DiT checkpoint: its pos_embed is not the fixed 2-D sin-cos embedding "
-                                      f"diffusers' DiT uses (shape {tuple(sd['pos_embed'].shape)} vs "
-                                      f"{tuple(fixed.shape)}); it cannot be converted faithfully")
-    return model
+    tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
+    return {"num_attention_heads": heads, "attention_head_dim": width // heads if heads else None,
+            "num_layers": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), "patch_size": patch,
+            "in_channels": proj.shape[1], "out_channels": sd["final_layer.linear.weight"].shape[0] // (patch * patch),
+            "sample_size": round(tokens**0.5) * patch if tokens else None,
+            "num_embeds_ada_norm": sd["y_embedder.embedding_table.weight"].shape[0] - 1}  # DiT's table has the null row
 
 
 __all__ = ["DIT_ARCHS", "diffusers_config", "finish_dit", "is_dit", "arch_for_config", "as_zoo_dit",
-           "official_state_dict", "official_to_diffusers", "dit_from_official", "SD_VAE", "SD_VAE_SCALE"]
+           "official_state_dict", "official_to_diffusers", "official_config", "SD_VAE", "SD_VAE_SCALE"]
