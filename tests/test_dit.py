@@ -242,3 +242,19 @@ def test_hf_hub_dit_pipeline_loads_offline_through_diffusers(tmp_path):
     assert zoo.load(snap).zoo_arch == "dit_nano_patch2_8"  # the same pipeline as a local folder
     zoo.publish(model, "dit_nano_patch2_8.hub")  # and into the zoo store, keeping its VAE
     assert zoo.load("dit_nano_patch2_8.hub").pretrained_cfg["latent"]["vae"] == "facebook/DiT-XL-2-256:vae"
+
+
+def test_diffusers_reads_a_published_zoo_dit_folder():
+    from diffusers import DiTTransformer2DModel
+
+    model = _perturb(zoo.create_model("dit_nano_patch2_8"))
+    path = zoo.publish(model, "dit_nano_patch2_8.for_diffusers")
+    theirs = DiTTransformer2DModel.from_pretrained(path).eval()
+    x, t, y = _inputs(model.eval())
+    with torch.no_grad():
+        assert torch.equal(theirs(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample)
+    # a converted DiT computes DiT's timestep frequencies, which diffusers' class cannot: no diffusers files
+    converted = dit_model(_official_state_dict(0), arch="dit_nano_patch2_8")
+    folder = zoo.publish(converted, "dit_nano_patch2_8.converted_only_zoo")
+    assert not (folder / "diffusion_pytorch_model.safetensors").exists()
+    assert "_class_name" not in json.loads((folder / "config.json").read_text())

@@ -4,8 +4,8 @@
 `hf-hub:org/repo` (a zoo or timm repo, a diffusers DiT or DiT pipeline such as `facebook/DiT-XL-2-256`),
 `timm:NAME`, `open_clip:ARCH/TAG`, an `http(s)://...#sha256=HEX` URL, a known pretrained name from `WEIGHTS`,
 and a local directory (a zoo folder, one timm's `save_for_hf` wrote, a diffusers DiT or pipeline folder) or
-weights file. Published folders are readable by timm (`local-dir:`) and, for whole CLIP models, open_clip
-too: see `make_card` and `publish`. Weights are safetensors;
+weights file. Published folders are readable by timm (`local-dir:`), for whole CLIP models by open_clip,
+and for DiTs by diffusers' `from_pretrained`: see `make_card` and `publish`. Weights are safetensors;
 pickles load only with `weights_only=True`; every remote file is checked against its sha256
 before use and a failed download leaves nothing behind.
 
@@ -51,6 +51,7 @@ from zoo.errors import (
 from zoo import factory
 from zoo.factory import split_name
 from zoo.models.clip import open_clip_config
+from zoo.models.dit import diffusers_card
 from zoo.progress import progress_bar
 from zoo.registry import MODELS, Registry, close_matches
 
@@ -61,6 +62,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"  # what open_clip's local-dir:/hf-hub: loaders read
 OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers' from_pretrained reads
 DIFFUSERS_PIPELINE_FILE = "model_index.json"  # a diffusers pipeline folder/repo (its DiT under transformer/)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9][A-Za-z0-9_\-]*)?$")
@@ -192,7 +194,8 @@ CARD_FIELDS: dict[str, tuple[type, ...]] = {
     "recipe": (str, type(None)), "data": (str, list, type(None)), "steps": (int, type(None)),
 }
 CARD_WRITTEN = ("format", "name", "arch", "args", "params", "pretrained_cfg", "weights_sha256",
-                "architecture", "num_classes", "num_features", "global_pool", "model_args")
+                "architecture", "num_classes", "num_features", "global_pool", "model_args", "_class_name",
+                "_diffusers_version")
 # pretrained_cfg entries a card keeps (all fields of timm's PretrainedCfg, which timm's loaders build from it).
 PRETRAINED_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "num_classes",
                        "first_conv", "classifier")
@@ -248,6 +251,7 @@ def make_card(model: nn.Module, name: str, card: dict[str, Any] | None = None) -
     pcfg["num_classes"] = getattr(model, "num_classes", pcfg.get("num_classes"))
     timm_fields = timm_config(model) or {}
     pcfg.update(timm_fields.pop("pretrained_cfg", {}))
+    foreign = {**timm_fields, **(diffusers_card(model) or {})}
     return {
         "format": CARD_FORMAT,
         "name": name,
@@ -258,7 +262,7 @@ def make_card(model: nn.Module, name: str, card: dict[str, Any] | None = None) -
         "provenance": provenance,
         "eval": card.pop("eval", {}),
         **card,
-        **timm_fields,
+        **foreign,
     }
 
 
@@ -285,6 +289,8 @@ def publish(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if (oc_cfg := open_clip_config(model)) is not None:
             _write_open_clip_files(tmp, oc_cfg)
+        if "_class_name" in meta:  # diffusers' from_pretrained reads config.json and this weights file name
+            _link_or_copy(tmp / WEIGHTS_FILE, tmp / DIFFUSERS_WEIGHTS_FILE)
         if dest.exists():
             old = dest.with_name(f".{name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -304,10 +310,15 @@ def _write_open_clip_files(folder: Path, oc_cfg: dict[str, Any]) -> None:
     """open_clip_config.json, and the weights under open_clip's Hub file name as a hard link to model.safetensors
     (open_clip's `hf-hub:` loader asks for that name; its `local-dir:` one would take model.safetensors too)."""
     (folder / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(oc_cfg, indent=2) + "\n")
+    _link_or_copy(folder / WEIGHTS_FILE, folder / OPEN_CLIP_WEIGHTS_FILE)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """The weights under another library's file name: a hard link, or a copy where links are not possible."""
     try:
-        os.link(folder / WEIGHTS_FILE, folder / OPEN_CLIP_WEIGHTS_FILE)
+        os.link(src, dst)
     except OSError:  # a filesystem without hard links: a copy, same bytes
-        shutil.copyfile(folder / WEIGHTS_FILE, folder / OPEN_CLIP_WEIGHTS_FILE)
+        shutil.copyfile(src, dst)
 
 
 def record_eval(name: str, task: str, results: dict[str, Any]) -> Path:

@@ -119,6 +119,17 @@ def is_dit(model: nn.Module) -> bool:
     return isinstance(model, DiTTransformer2DModel)
 
 
+def diffusers_card(model: nn.Module) -> dict[str, Any] | None:
+    """What diffusers' `from_pretrained` reads of a published folder's config.json (`_class_name` and the model's
+    config), for a zoo DiT that diffusers' own class computes the same (diffusers' timestep frequencies)."""
+    if not is_dit(model) or getattr(model, "zoo_args", {}).get("freq_shift", 1) != 1:
+        return None
+    import diffusers
+
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    return {"_class_name": type(model).__name__, "_diffusers_version": diffusers.__version__, **config}
+
+
 def arch_for_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The registered DiT arch with the structure of a diffusers config (heads, head size, depth, patch), and
     the arguments that differ from it (sample size, channels, classes); a one-line error when none has it."""
@@ -200,5 +211,5 @@ def official_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             "num_embeds_ada_norm": sd["y_embedder.embedding_table.weight"].shape[0] - 1}  # DiT's table has the null row
 
 
-__all__ = ["DIT_ARCHS", "diffusers_config", "finish_dit", "is_dit", "arch_for_config", "as_zoo_dit",
+__all__ = ["DIT_ARCHS", "diffusers_card", "diffusers_config", "finish_dit", "is_dit", "arch_for_config", "as_zoo_dit",
            "official_state_dict", "official_to_diffusers", "official_config", "SD_VAE", "SD_VAE_SCALE"]
