@@ -81,3 +81,17 @@ def test_both_cpu_recipes_and_the_paper_recipe_are_valid():
     paper = load_config("diffusion_dit_xlarge_patch2_256")
     assert small.method.args == large.method.args  # one noise schedule: the pair can be stitched
     assert paper.method.args["latent_field"] == "latent" and paper.model.arch == "dit_xlarge_patch2_256"
+
+
+def test_latent_training_reads_precomputed_latents_of_the_right_shape():
+    import numpy as np
+
+    method = Diffusion("dit_nano_patch2_8", latent_field="latent", in_channels=4, out_channels=8)
+    spec = method.data_spec()
+    assert spec.fields == ("latent", "label")
+    sample = spec.transform({"latent": np.ones((4, 8, 8), dtype=np.float16), "label": 3})
+    assert sample["latent"].dtype == torch.float32 and sample["latent"].shape == (4, 8, 8)
+    out = method.training_step({"latent": torch.randn(2, 4, 8, 8), "label": torch.tensor([1, 2])}, 0)
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ConfigError, match=r"holds arrays of shape \(4, 16, 16\); dit_nano_patch2_8 denoises \(4, 8, 8\)"):
+        spec.transform({"latent": np.zeros((4, 16, 16)), "label": 0})
