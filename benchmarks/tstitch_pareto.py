@@ -15,6 +15,7 @@ classes in turn), classifier-free guidance 1.5 (the paper's FID setting):
   measured speedup over r = 0 against the FLOP-predicted one.
 
     python benchmarks/tstitch_pareto.py                 # the README table (about 30 min on 2 cores)
+    python benchmarks/tstitch_pareto.py --paper         # timing only: DiT-S/2 -> DiT-XL/2 at 256 px, GPU, bf16
 
 Prints markdown tables; writes results.json, pareto.png (quality vs time) and samples_<scheduler>.png (a row
 of samples per r) to --out.
@@ -64,7 +65,13 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(11)])
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--out", default="runs/tstitch_pareto")
+    p.add_argument("--paper", action="store_true", help="timing only: the paper's DiT-S/2 -> DiT-XL/2 pair at 256 px "
+                                                        "with random weights (a GPU, bf16)")
+    p.add_argument("--paper-archs", nargs=2, default=["dit_small_patch2_256", "dit_xlarge_patch2_256"])
+    p.add_argument("--paper-steps", type=int, default=100)
     args = p.parse_args()
+    if args.paper:
+        return paper_timing(args)
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +127,42 @@ def main() -> None:
         image_grid([imgs for _, imgs in items], out / f"samples_{scheduler}.png", mean=(0.0,), std=(1.0,), scale=4,
                    row_labels=[f"r={r:.1f}" for r, _ in items])
     print(f"wrote {out}/results.json, pareto.png, samples_*.png")
+
+
+def paper_timing(args: argparse.Namespace) -> None:
+    """The paper's pair at its scale with random weights (timing does not depend on them): DiT-S/2 and DiT-XL/2 on
+    32x32x4 latents, 8 images, DDIM 100 steps, CFG 1.5 (the paper's speed setting: seconds for 8 images), bf16 on
+    CUDA; the denoising loop only (the VAE decode is the same for every r)."""
+    import zoo
+    from zoo.eval.sampling import TStitch, forward_flops, make_scheduler, sample, sampling_flops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    names = args.paper_archs
+    small, large = (zoo.create_model(n).to(device, dtype).eval() for n in names)
+    print(f"{names[0]} {forward_flops(small) / 1e9:.2f} GFLOPs, {names[1]} {forward_flops(large) / 1e9:.2f} GFLOPs a "
+          f"forward (2 per multiply-add) on {device} {dtype}; DDIM {args.paper_steps} steps, 8 images, CFG 1.5")
+    labels = list(range(8))
+    rows = []
+    for r in args.fractions:
+        stitched = TStitch(small, large, fraction=r)
+        sample(stitched, make_scheduler("ddim"), labels, steps=5, guidance_scale=1.5, progress=False)  # warm-up
+        times = []
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            res = sample(stitched, make_scheduler("ddim"), labels, steps=args.paper_steps, guidance_scale=1.5, progress=False,
+                         generator=torch.Generator().manual_seed(0))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(res.seconds)
+        rows.append({"r": r, "seconds": min(times), "flops": sampling_flops(stitched, res.trace, 1.5)})
+    print("| r | s / 8 images | TFLOPs / image | speedup (FLOPs) | speedup (measured) | measured / predicted |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        pred, meas = rows[0]["flops"] / row["flops"], rows[0]["seconds"] / row["seconds"]
+        print(f"| {row['r']:.1f} | {row['seconds']:.2f} | {row['flops'] / 1e12:.2f} | {pred:.2f}x | {meas:.2f}x | "
+              f"{meas / pred:.2f} |")
 
 
 def summarize(rows: list[dict], seeds: list[int]) -> list[dict]:
