@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -206,8 +206,7 @@ def _null_class(model: nn.Module) -> int:
 @torch.no_grad()
 def sample(model: nn.Module, scheduler: Any, class_labels: Sequence[int] | torch.Tensor, *, steps: int = 50,
            guidance_scale: float = 1.0, generator: torch.Generator | None = None, vae: nn.Module | None = None,
-           batch_size: int | None = None, progress: bool = True, on_step: Callable[[int, Any], None] | None = None
-           ) -> SampleResult:
+           batch_size: int | None = None, progress: bool = True) -> SampleResult:
     """Class-conditional samples of a diffusers denoiser (a zoo DiT or a `TStitch`) with any diffusers scheduler.
 
     DiTPipeline's loop, without its pipeline: x_T ~ N(0, σ_init²); per step, the (CFG-doubled) input scaled by
@@ -240,7 +239,7 @@ def sample(model: nn.Module, scheduler: Any, class_labels: Sequence[int] | torch
         x = x * scheduler.init_noise_sigma
         y = chunk.to(device)
         y_in = torch.cat([y, torch.full_like(y, null)]) if null is not None else y
-        for i, t in enumerate(scheduler.timesteps):
+        for t in scheduler.timesteps:
             x_in = torch.cat([x, x]) if null is not None else x
             x_in = scheduler.scale_model_input(x_in, t)
             t_in = (t if torch.is_tensor(t) else torch.tensor(t)).to(device).expand(len(x_in))
@@ -253,8 +252,6 @@ def sample(model: nn.Module, scheduler: Any, class_labels: Sequence[int] | torch
             x = scheduler.step(eps, t, x, **kw).prev_sample
             if chunk is chunks[0]:
                 timesteps.append(float(t))
-            if on_step is not None:
-                on_step(i, t)
             bar.update(1)
         if isinstance(model, TStitch) and chunk is chunks[0]:
             trace = list(model.trace)
