@@ -59,9 +59,15 @@ def test_features_and_intermediates(name):
         assert len(only) == 1 and only[0].ndim == 4
 
 
+def _shallow(name: str) -> dict:
+    """Big ViTs are built with 2 blocks where depth does not matter (their full forward is tested above): the
+    round trip and the preprocessing are the same, the 2.5 GB of a ViT-H written and read back are not."""
+    return {"depth": 2} if count_params(name) > BIG else {}
+
+
 @pytest.mark.parametrize("name", _cases())
 def test_publish_load_roundtrip(name):
-    model = zoo.create_model(name)
+    model = zoo.create_model(name, **_shallow(name))
     x = _input(model, name, batch=1)
     path = zoo.publish(model, f"{name}.test", {"recipe": "none", "steps": 0})
     loaded = zoo.load(f"{name}.test")
@@ -75,7 +81,7 @@ def test_publish_load_roundtrip(name):
 
 @pytest.mark.parametrize("name", _cases())
 def test_pretrained_cfg(name):
-    model = zoo.create_model(name)
+    model = zoo.create_model(name, **_shallow(name))
     cfg = model.pretrained_cfg
     assert len(cfg["input_size"]) == 3
     assert len(cfg["mean"]) == len(cfg["std"]) == cfg["input_size"][0]
