@@ -86,7 +86,11 @@ def main() -> None:
     f_small, f_large = forward_flops(small), forward_flops(large)
     print(f"{SMALL}: {f_small / 1e6:.2f} MFLOPs a forward; {LARGE}: {f_large / 1e6:.2f} (x{f_large / f_small:.1f})")
 
-    backbone = zoo.load(args.backbone)
+    try:
+        backbone = zoo.load(args.backbone)
+    except zoo.ZooError as e:
+        raise SystemExit(f"feature backbone {args.backbone!r}: {e}; run `zoo demo` first (it publishes the default) "
+                         "or pass --backbone NAME") from None
     train_x, train_y = digits("train")
     val_x, val_y = digits("val")
     fd = FrechetDistance(backbone)
