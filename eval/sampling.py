@@ -44,6 +44,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 # DiT's training schedule (and diffusers' defaults): 1000 steps, linear betas 1e-4 -> 0.02, epsilon-prediction.
 DEFAULT_SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
                                     "beta_end": 0.02, "prediction_type": "epsilon"}
+# Sampler settings that are not the noise schedule: no clipping of the predicted x0, as DiT samples
+# (`clip_denoised=False`); diffusers' DDIM/DDPM clip by default and, without recomputing ε from the clipped x0,
+# lose most of their quality on our digits (Fréchet distance 0.53 vs 0.05 for the large CPU DiT, DDIM 50).
+SAMPLER_DEFAULTS: dict[str, Any] = {"clip_sample": False}
 
 
 def schedule_of(model: nn.Module) -> dict[str, Any]:
@@ -53,8 +57,9 @@ def schedule_of(model: nn.Module) -> dict[str, Any]:
 
 
 def make_scheduler(name: str, schedule: dict[str, Any] | None = None, **kwargs: Any):
-    """A diffusers scheduler by name (`SCHEDULERS`) over a noise schedule (default DiT's); `kwargs` go to it
-    (e.g. `timestep_spacing="trailing"`). An unknown name is a one-line error listing the valid ones."""
+    """A diffusers scheduler by name (`SCHEDULERS`) over a noise schedule (default DiT's), with DiT's sampling
+    settings (`SAMPLER_DEFAULTS`: no x0 clipping); `kwargs` go to it (e.g. `timestep_spacing="trailing"`). An
+    unknown name is a one-line error listing the valid ones."""
     import diffusers
 
     if name not in SCHEDULERS:
@@ -65,7 +70,7 @@ def make_scheduler(name: str, schedule: dict[str, Any] | None = None, **kwargs: 
                           + f" Valid: {', '.join(SCHEDULERS)}")
     cls_name, extra = SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
-    args = {**DEFAULT_SCHEDULE, **(schedule or {}), **extra, **kwargs}
+    args = {**DEFAULT_SCHEDULE, **(schedule or {}), **SAMPLER_DEFAULTS, **extra, **kwargs}
     accepted = set(inspect.signature(cls.__init__).parameters)
     return cls(**{k: v for k, v in args.items() if k in accepted})
 

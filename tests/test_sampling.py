@@ -189,3 +189,11 @@ def test_generate_and_the_cli_write_a_grid_and_timing(pair, tmp_path, capsys):
     assert out.is_file() and info["trace"] == "SSSSLLLLLL" and info["n"] == 6 and info["seconds"] > 0
     assert info["gflops_per_image"] == round(result.flops / 1e9, 4)
     assert "SSSSLLLLLL" in printed and "ms/image" in printed
+
+
+def test_schedulers_sample_as_dit_does_without_clipping_unless_asked():
+    """DiT samples with clip_denoised=False; diffusers' DDIM/DDPM clip x0 by default (and keep the unclipped ε)."""
+    for name in ("ddim", "ddpm"):
+        assert make_scheduler(name).config.clip_sample is False
+        assert make_scheduler(name, clip_sample=True).config.clip_sample is True
+    assert make_scheduler("dpm++", {"beta_end": 0.012}).config.beta_end == 0.012
