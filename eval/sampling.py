@@ -100,7 +100,8 @@ class TStitch(nn.Module):
     `TStitch(small, large, fraction=r)`: the small model for the first r of the trajectory. `TStitch(a, b, c,
     fractions=[0.4, 0.2, 0.4])`: any number of models, fractions in [0, 1] summing to 1. The models must share
     their input shape, channels, class count and conditioning, and (where their cards say) noise schedule:
-    checked here, before any sampling. `trace` records the index of the model each call ran.
+    checked here, before any sampling (`names` label the models in those errors). `trace` records the index of
+    the model each call ran.
     """
 
     def __init__(self, *models: nn.Module, fraction: float | None = None, fractions: Sequence[float] | None = None,
@@ -124,9 +125,7 @@ class TStitch(nn.Module):
         check_stitchable(models, names)
         self.models = nn.ModuleList(models)
         self.fractions = fractions
-        schedules = [schedule_of(m) for m in models]
-        self.num_train_timesteps = int(num_train_timesteps or schedules[-1]["num_train_timesteps"])
-        self.names = list(names) if names is not None else [f"m{i}" for i in range(len(models))]
+        self.num_train_timesteps = int(num_train_timesteps or schedule_of(models[-1])["num_train_timesteps"])
         self.trace: list[int] = []
 
     # what diffusers pipelines read of their `transformer`
@@ -232,7 +231,9 @@ def sample(model: nn.Module, scheduler: Any, class_labels: Sequence[int] | torch
         model.trace.clear()
     accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     c, size = config.in_channels, config.sample_size
-    outs, trace, timesteps = [], [], []
+    outs: list[torch.Tensor] = []
+    trace: list[int] = []
+    timesteps: list[float] = []
     chunks = labels.split(batch_size or len(labels)) if len(labels) else []
     scheduler.set_timesteps(steps, device=device)
     start = time.perf_counter()
@@ -255,11 +256,10 @@ def sample(model: nn.Module, scheduler: Any, class_labels: Sequence[int] | torch
                 eps = uncond + guidance_scale * (cond - uncond)
             kw = {"generator": generator} if accepts_generator and generator is not None else {}
             x = scheduler.step(eps, t, x, **kw).prev_sample
-            if chunk is chunks[0]:
-                timesteps.append(float(t))
             bar.update(1)
-        if isinstance(model, TStitch) and chunk is chunks[0]:
-            trace = list(model.trace)
+        if chunk is chunks[0]:
+            timesteps = [float(t) for t in scheduler.timesteps.cpu()]
+            trace = list(model.trace) if isinstance(model, TStitch) else []
         outs.append(x.float())
     bar.close()
     x = torch.cat(outs) if outs else torch.empty(0, c, size, size)
@@ -284,13 +284,9 @@ def parse_stitch(spec: str) -> tuple[str, float]:
 
 
 def _denoiser(model: nn.Module | str) -> nn.Module:
-    if not isinstance(model, str):
-        return model
     from zoo.hub import load
 
-    loaded = load(model)
-    loaded.zoo_name = model
-    return loaded
+    return load(model) if isinstance(model, str) else model
 
 
 def generate(model: nn.Module | str, *, stitch: Sequence[tuple[nn.Module | str, float]] = (), scheduler: str = "ddim",
@@ -305,15 +301,16 @@ def generate(model: nn.Module | str, *, stitch: Sequence[tuple[nn.Module | str, 
     smalls = [(_denoiser(m), float(f)) for m, f in stitch]
     rest = 1.0 - sum(f for _, f in smalls)
     if smalls:
+        names = [m if isinstance(m, str) else f"model {i}" for i, (m, _) in enumerate(stitch)]
+        names.append(model if isinstance(model, str) else "the large model")
         denoiser: nn.Module = TStitch(*[m for m, _ in smalls], large, fractions=[*(f for _, f in smalls), rest],
-                                      names=[getattr(m, "zoo_name", f"model {i}") for i, (m, _) in enumerate(smalls)]
-                                      + [getattr(large, "zoo_name", "the large model")])
+                                      names=names)
     else:
         denoiser = large
     sched = make_scheduler(scheduler, schedule_of(large), **scheduler_kwargs)
     if steps < 1 or n < 1:
         raise ConfigError(f"steps and n must be >= 1, got steps={steps}, n={n}")
-    kind, classes = _conditioning(large)
+    _, classes = _conditioning(large)
     if labels is None:
         labels = [i % classes for i in range(n)] if classes else [0] * n
     bad = [y for y in labels if classes is not None and not 0 <= int(y) < classes]

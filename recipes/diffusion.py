@@ -46,6 +46,34 @@ def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torc
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
+class DiffusionSample:
+    """A sample -> {image or latent, label}, in the loader workers: the image center-cropped, optionally flipped
+    (DiT) and scaled to [-1, 1], or the precomputed latent as float32; the label and the latent's shape checked
+    against the model (one-line errors, before any step)."""
+
+    def __init__(self, model: nn.Module, arch: str, latent_field: str | None, hflip: float):
+        from zoo.data.transforms import train_transform
+
+        self.arch, self.latent_field = arch, latent_field
+        self.classes = model.num_classes
+        self.shape = tuple(model.pretrained_cfg["input_size"])
+        self.image = None if latent_field else train_transform(model.pretrained_cfg, scale=(1.0, 1.0),
+                                                               ratio=(1.0, 1.0), hflip=hflip)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        label = int(sample["label"])
+        if not 0 <= label < self.classes:
+            raise ConfigError(f"diffusion: labels must lie in 0..{self.classes - 1} for {self.arch}, got {label}; "
+                              "set num_embeds_ada_norm in the method's arguments")
+        if self.latent_field is None:
+            return {"image": self.image(sample["image"]), "label": label}
+        latent = torch.from_numpy(np.asarray(sample[self.latent_field], dtype=np.float32))
+        if tuple(latent.shape) != self.shape:
+            raise ConfigError(f"diffusion: field {self.latent_field!r} holds arrays of shape {tuple(latent.shape)}; "
+                              f"{self.arch} denoises {self.shape}")
+        return {self.latent_field: latent, "label": label}
+
+
 class Diffusion(Method):
     """DDPM noise prediction for a class-conditional zoo DiT (`arch`), with label dropout and EMA weights."""
 
@@ -78,11 +106,7 @@ class Diffusion(Method):
         self.arch = arch
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        x0, labels = batch[self.latent_field or "image"], batch["label"].long()
-        classes = self.model.num_classes
-        if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-            raise ConfigError(f"diffusion: labels must lie in 0..{classes - 1} for {self.arch}, got "
-                              f"{int(labels.min())}..{int(labels.max())}; set num_embeds_ada_norm in model.args")
+        x0, labels = batch[self.latent_field or "image"], batch["label"].long()  # labels checked in the loader
         t = torch.randint(0, self.schedule["num_train_timesteps"], (len(x0),), device=x0.device)
         noise = torch.randn_like(x0)
         dropped = drop_labels(labels, self.cfg_dropout, self.model.null_class)
@@ -94,19 +118,9 @@ class Diffusion(Method):
         ema_update(self.ema, self.model, momentum)
 
     def data_spec(self) -> DataSpec:
-        if self.latent_field is not None:
-            return DataSpec(fields=(self.latent_field, "label"), transform=self._latent_sample)
-        # DiT: center crop + random flip; the built-in digits keep their orientation (hflip 0)
-        return DataSpec(fields=("image", "label"),
-                        train_transform={"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "hflip": self.hflip})
-
-    def _latent_sample(self, sample: dict[str, Any]) -> dict[str, Any]:
-        latent = torch.from_numpy(np.asarray(sample[self.latent_field], dtype=np.float32))
-        expect = tuple(self.model.pretrained_cfg["input_size"])
-        if tuple(latent.shape) != expect:
-            raise ConfigError(f"diffusion: field {self.latent_field!r} holds arrays of shape {tuple(latent.shape)}; "
-                              f"{self.arch} denoises {expect}")
-        return {self.latent_field: latent, "label": sample["label"]}
+        field = self.latent_field or "image"
+        return DataSpec(fields=(field, "label"), transform=DiffusionSample(self.model, self.arch, self.latent_field,
+                                                                            self.hflip))
 
     def backbone(self) -> nn.Module:
         """The DiT in training (its preprocessing sets the built-in data's size)."""
@@ -146,4 +160,4 @@ RECIPES.register(
                 "published (the models T-Stitch samples with)",
 )
 
-__all__ = ["Diffusion", "diffusion_loss", "drop_labels"]
+__all__ = ["Diffusion", "DiffusionSample", "diffusion_loss", "drop_labels"]

@@ -68,9 +68,13 @@ def test_bad_input_is_one_line():
         Diffusion("vit_tiny_patch4_32")
     with pytest.raises(ConfigError, match="cfg_dropout is a probability"):
         Diffusion("dit_nano_patch2_8", cfg_dropout=1.5)
-    method = Diffusion("dit_nano_patch2_8")
-    with pytest.raises(ConfigError, match=r"labels must lie in 0..9 for dit_nano_patch2_8, got 0..12"):
-        method.training_step({"image": torch.zeros(2, 1, 8, 8), "label": torch.tensor([0, 12])}, 0)
+    transform = Diffusion("dit_nano_patch2_8").data_spec().transform
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8))
+    assert transform({"image": image, "label": 9})["image"].shape == (1, 8, 8)
+    with pytest.raises(ConfigError, match=r"labels must lie in 0..9 for dit_nano_patch2_8, got 12"):
+        transform({"image": image, "label": 12})
     with pytest.raises(ConfigError, match="noise schedule"):
         Diffusion("dit_nano_patch2_8", beta_schedule="no_such_schedule")
 

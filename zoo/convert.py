@@ -441,7 +441,7 @@ def dit_model(checkpoint: Mapping[str, Any], *, arch: str | None = None) -> nn.M
     """An official DiT checkpoint (`DiT-XL-2-256x256.pt`, or a training checkpoint: its `ema` weights) as a zoo
     DiT computing what DiT computed (`freq_shift=0`, LayerNorm eps 1e-6); the arch is inferred unless given."""
     from zoo.factory import create_model
-    from zoo.models.dit import DIT_ARCHS, arch_for_config, diffusers_config, official_config, official_state_dict, \
+    from zoo.models.dit import DIT_ARCHS, arch_for_config, config_overrides, official_config, official_state_dict, \
         official_to_diffusers
 
     sd = official_state_dict(checkpoint)
@@ -453,8 +453,7 @@ def dit_model(checkpoint: Mapping[str, Any], *, arch: str | None = None) -> nn.M
                               "--arch (one of " + ", ".join(DIT_ARCHS) + ")")
         arch, args = arch_for_config(config)
     else:
-        keys = ("in_channels", "out_channels", "num_embeds_ada_norm", "sample_size")
-        args = {k: config[k] for k in keys if config[k] is not None and diffusers_config(arch).get(k) != config[k]}
+        args = config_overrides(arch, config)
     model = create_model(arch, freq_shift=0, norm_eps=1e-6, **args)  # DiT's LayerNorms all use eps 1e-6
     load_checked(model, official_to_diffusers(sd), "DiT checkpoint", strict=True)
     fixed = model.pos_embed.pos_embed

@@ -19,6 +19,7 @@ the original's (what `zoo.convert.dit_model` sets, so converted checkpoints comp
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -71,7 +72,6 @@ def finish_dit(model: nn.Module, *, freq_shift: int = 1, latent: dict[str, Any] 
     c, size = cfg.in_channels, cfg.sample_size
     model.num_classes = cfg.num_embeds_ada_norm
     model.null_class = cfg.num_embeds_ada_norm  # the label that means "no label" (classifier-free guidance)
-    model.learned_sigma = cfg.out_channels == 2 * c
     model.pretrained_cfg = {
         "input_size": (c, size, size),  # what the model denoises: pixels, or latents when `latent` is set
         "mean": (0.5,) * c, "std": (0.5,) * c,  # pixel models see images in [-1, 1]
@@ -107,13 +107,15 @@ def _dit_factory(arch: str):
     return build
 
 
-for _arch, _spec in DIT_ARCHS.items():
-    MODELS.register(_arch, _dit_factory(_arch), family="dit", modality="diffusion",
-                    space="latent" if _spec.get("latent") else "pixel", defaults=diffusers_config(_arch))
+for _arch in DIT_ARCHS:
+    MODELS.register(_arch, _dit_factory(_arch), family="dit", modality="diffusion", defaults=diffusers_config(_arch))
 
 
 def is_dit(model: nn.Module) -> bool:
-    """Whether `model` is a diffusers DiT (zoo's or one loaded by diffusers)."""
+    """Whether `model` is a diffusers DiT (zoo's or one loaded by diffusers); never imports diffusers itself (a
+    model can only be one once diffusers is loaded), so publishing a ViT does not pay for that import."""
+    if "diffusers" not in sys.modules:
+        return False
     from diffusers import DiTTransformer2DModel
 
     return isinstance(model, DiTTransformer2DModel)
@@ -130,14 +132,19 @@ def diffusers_card(model: nn.Module) -> dict[str, Any] | None:
     return {"_class_name": type(model).__name__, "_diffusers_version": diffusers.__version__, **config}
 
 
+def config_overrides(arch: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample size, channels and class count of a diffusers config where they differ from `arch`'s."""
+    base = diffusers_config(arch)
+    keys = ("in_channels", "out_channels", "sample_size", "num_embeds_ada_norm")
+    return {k: config[k] for k in keys if config.get(k) is not None and config[k] != base[k]}
+
+
 def arch_for_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The registered DiT arch with the structure of a diffusers config (heads, head size, depth, patch), and
     the arguments that differ from it (sample size, channels, classes); a one-line error when none has it."""
     for arch in DIT_ARCHS:
-        base = diffusers_config(arch)
-        if all(config.get(k) == base[k] for k in STRUCTURE):
-            keys = ("in_channels", "out_channels", "sample_size", "num_embeds_ada_norm")
-            return arch, {k: config[k] for k in keys if k in config and config[k] is not None and config[k] != base[k]}
+        if all(config.get(k) == diffusers_config(arch)[k] for k in STRUCTURE):
+            return arch, config_overrides(arch, config)
     want = ", ".join(f"{k}={config.get(k)}" for k in STRUCTURE)
     raise ConfigError(f"no zoo DiT architecture has {want}; the registered ones are {', '.join(DIT_ARCHS)}")
 
@@ -211,5 +218,5 @@ def official_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             "num_embeds_ada_norm": sd["y_embedder.embedding_table.weight"].shape[0] - 1}  # DiT's table has the null row
 
 
-__all__ = ["DIT_ARCHS", "diffusers_card", "diffusers_config", "finish_dit", "is_dit", "arch_for_config", "as_zoo_dit",
+__all__ = ["DIT_ARCHS", "diffusers_card", "config_overrides", "diffusers_config", "finish_dit", "is_dit", "arch_for_config", "as_zoo_dit",
            "official_state_dict", "official_to_diffusers", "official_config", "SD_VAE", "SD_VAE_SCALE"]
