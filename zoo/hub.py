@@ -52,6 +52,7 @@ from zoo import factory
 from zoo.factory import split_name
 from zoo.models.clip import open_clip_config
 from zoo.models.dit import diffusers_card
+from zoo.models import lm as _lm
 from zoo.progress import progress_bar
 from zoo.registry import MODELS, Registry, close_matches
 
@@ -251,7 +252,7 @@ def make_card(model: nn.Module, name: str, card: dict[str, Any] | None = None) -
     pcfg["num_classes"] = getattr(model, "num_classes", pcfg.get("num_classes"))
     timm_fields = timm_config(model) or {}
     pcfg.update(timm_fields.pop("pretrained_cfg", {}))
-    foreign = {**timm_fields, **(diffusers_card(model) or {})}
+    foreign = {**timm_fields, **(diffusers_card(model) or {}), **(_lm.transformers_card(model) or {})}
     return {
         "format": CARD_FORMAT,
         "name": name,
@@ -291,6 +292,7 @@ def publish(
             _write_open_clip_files(tmp, oc_cfg)
         if "_class_name" in meta:  # diffusers' from_pretrained reads config.json and this weights file name
             _link_or_copy(tmp / WEIGHTS_FILE, tmp / DIFFUSERS_WEIGHTS_FILE)
+        _lm.save_lm_files(model, tmp)  # an LM's tokenizer (transformers' file names)
         if dest.exists():
             old = dest.with_name(f".{name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -493,6 +495,8 @@ def _load_dir(path: Path, overrides: dict[str, Any], strict: bool, arch: str | N
         raise UnknownNameError(_unknown_message(str(path)))
     if isinstance(cfg := read_config(path), dict) and "_class_name" in cfg and "arch" not in cfg:
         return _load_diffusers(path, overrides, pipeline=False)
+    if _lm.is_transformers_config(cfg):  # a folder transformers' save_pretrained wrote: a causal LM
+        return _load_lm(path, overrides, str(path))
     if is_timm_config(cfg):
         if arch is not None:  # the weights into a zoo architecture, as for a bare file
             weights = next((path / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (path / f).is_file()), None)
@@ -510,7 +514,19 @@ def _load_dir(path: Path, overrides: dict[str, Any], strict: bool, arch: str | N
     model = _build_from_card(card, overrides)
     sd = fit_state_dict(read_state_dict(weights), model)
     load_checked(model, sd, str(weights), strict=strict)
+    if (path / _lm.TOKENIZER_FILE).is_file():
+        model.tokenizer = _lm.load_tokenizer(path)
     return _finish(model, card, str(path))
+
+
+def _load_lm(source: str | Path, overrides: dict[str, Any], where: str, revision: str | None = None) -> nn.Module:
+    """A transformers causal LM (folder or Hub repo) with its tokenizer; `dtype=` may be overridden."""
+    dtype = overrides.pop("dtype", None)
+    if overrides:
+        raise ConfigError(f"{where}: a transformers model loads as saved (only dtype= may be given); got "
+                          f"{', '.join(overrides)}")
+    model = _lm.load_causal_lm(source, revision=revision, dtype=dtype, where=where)
+    return _finish(model, {"arch": f"transformers:{model.config.model_type}", "format": "transformers"}, where)
 
 
 def _load_timm_dir(path: Path, cfg: dict[str, Any], overrides: dict[str, Any], strict: bool) -> nn.Module:
@@ -611,6 +627,8 @@ def _load_hf(repo: str, overrides: dict[str, Any], strict: bool) -> nn.Module:
             return _finish(timm.create_model(f"hf-hub:{repo}", pretrained=True, **overrides), card, f"hf-hub:{repo}")
         if "_class_name" in card and "arch" not in card:  # one diffusers model
             return _load_diffusers(repo_id, overrides, revision=revision or None, pipeline=False)
+        if _lm.is_transformers_config(card):  # a transformers model repo: a causal LM
+            return _load_lm(repo_id, overrides, f"hf-hub:{repo}", revision=revision or None)
         weights = Path(hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision or None))
     except Exception as e:
         if isinstance(e, ZooError):
@@ -618,6 +636,10 @@ def _load_hf(repo: str, overrides: dict[str, Any], strict: bool) -> nn.Module:
         raise DownloadError(f"hf-hub:{repo}: cannot get {CONFIG_FILE}/{WEIGHTS_FILE} ({type(e).__name__}: {e})") from None
     model = _build_from_card(card, overrides)
     load_checked(model, fit_state_dict(read_state_dict(weights), model), f"hf-hub:{repo}", strict=strict)
+    if _lm.is_lm(model):  # a zoo LM's tokenizer, published beside its weights
+        tok = Path(hf_hub_download(repo_id, _lm.TOKENIZER_FILE, revision=revision or None)).parent
+        hf_hub_download(repo_id, "tokenizer_config.json", revision=revision or None)
+        model.tokenizer = _lm.load_tokenizer(tok)
     return _finish(model, card, f"hf-hub:{repo}")
 
 
@@ -737,3 +759,6 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
 def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
     """Registered architecture names matching a wildcard; with `pretrained=True`, names that have weights."""
     return pretrained_names(pattern) if pretrained else factory.list_models(pattern)
+
+
+_lm.LOADERS[:] = [load]  # models load a frozen LM by name (FLAME's text side) without importing the hub

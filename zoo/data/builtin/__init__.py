@@ -42,8 +42,9 @@ DATASETS.register(
 )
 DATASETS.register(
     "scenes", scenes.generate, num_classes=scenes.NUM_CLASSES, classes=scenes.SHAPES, fields=scenes.FIELDS,
-    description="1-3 coloured shapes on textured backgrounds; label = shape of the largest; mask, exact/short/noisy "
-                "captions with quality scores, thermal-like and depth-like renderings of the same scene",
+    version=2,  # 2: a long caption in meta["captions"]; materialized folders carry the version
+    description="1-3 coloured shapes on textured backgrounds; label = shape of the largest; mask, exact/short/noisy/"
+                "long captions with quality scores, thermal-like and depth-like renderings of the same scene",
 )
 DATASETS.register(
     "digits", digits.generate, num_classes=digits.NUM_CLASSES, classes=tuple(str(d) for d in range(10)),
@@ -70,7 +71,8 @@ def materialize(name: str, split: str, n: int, *, root: str | Path, size: int = 
     only on (name, split, seed, i), so the same data comes back on every machine."""
     meta = DATASETS.get(name).meta
     n = min(int(n), meta.get("max_samples", {}).get(split, int(n)))
-    folder = Path(root) / f"{name}-{split}-n{n}-{size}px-seed{seed}"
+    version = f"-v{meta['version']}" if meta.get("version") else ""  # a new version is generated afresh
+    folder = Path(root) / f"{name}{version}-{split}-n{n}-{size}px-seed{seed}"
     if not (folder / "sizes.json").is_file():
         from zoo.data.writer import write_shards
 

@@ -17,9 +17,11 @@ Fields:
   cover the ones behind them).
 - `caption`: the exact caption, e.g. "a large red circle at the top left and a small blue square
   on the right, on a striped background".
-- `meta`: `captions` {"exact", "short", "noisy"} with `quality` scores in [0, 1] (exact 1.0; short
+- `meta`: `captions` {"exact", "short", "noisy", "long"} with `quality` scores in [0, 1] (exact 1.0; short
   is right but incomplete; noisy is alt-text-like: loosely right, partly wrong, or off-topic
-  with quality <= 0.2, see `noisy_kind`), `objects` (largest first: shape, color, size, position,
+  with quality <= 0.2, see `noisy_kind`; long is a paragraph written from the metadata, the kind of
+  detailed recaption a captioning model gives: every object, which one is in front of which, how much
+  of each is hidden, the background; 40-110 words, so it does not fit a 32- or 77-token text tower), `objects` (largest first: shape, color, size, position,
   bbox [x0, y0, x1, y1] of the visible pixels with exclusive ends, rgb, radius, temperature,
   depth, z = paint order), `background`, `class`.
 - `thermal`: PIL "L": each object at its own temperature, a cool and nearly textureless
@@ -211,6 +213,34 @@ def _exact_caption(objects: list[dict[str, Any]], bg: str) -> str:
     return f"{text}, on a {BACKGROUNDS[bg]} background"
 
 
+_COUNT_WORDS = {1: "one shape", 2: "two shapes", 3: "three shapes"}
+_RANK_WORDS = ("The largest", "The second", "The smallest")
+_BG_LONG = {"noise": "a grainy, noisy texture", "stripes": "broad parallel stripes in two muted colours",
+            "checker": "a checkerboard of two muted colours", "gradient": "a smooth gradient between two muted colours"}
+
+
+def _long_caption(objects: list[dict[str, Any]], bg: str, covered_by: list[list[int]], hidden: list[float]) -> str:
+    """A detailed paragraph from the metadata alone (no random draws): count, every object's size, colour,
+    shape and place, which objects cover which and how much, and the background."""
+    n = len(objects)
+    sentences = [f"This picture shows {_COUNT_WORDS[n]} on a {BACKGROUNDS[bg]} background."]
+    for rank, o in enumerate(objects):
+        lead = "The only one" if n == 1 else _RANK_WORDS[rank if rank < n - 1 else 2]
+        text = f"{lead} is {_article(o['size'])} {o['size']} {o['color']} {o['shape']} {_position_phrase(o['position'])}"
+        if covered_by[rank]:
+            covers = " and ".join(f"the {objects[j]['color']} {objects[j]['shape']}" for j in covered_by[rank])
+            text += f", {'partly' if hidden[rank] < 0.2 else 'largely'} hidden behind {covers}"
+        elif any(rank in c for c in covered_by):
+            text += ", in front of the shapes it overlaps"
+        sentences.append(text + ".")
+    if n > 1:
+        colours = sorted({o["color"] for o in objects})
+        sentences.append("The colours are " + (", ".join(colours[:-1]) + " and " + colours[-1] if len(colours) > 1
+                                               else f"all {colours[0]}") + ".")
+    sentences.append(f"Behind the shapes the background is {_BG_LONG[bg]}, and nothing else is in the image.")
+    return " ".join(sentences)
+
+
 def _noisy_caption(objects: list[dict[str, Any]], rng: np.random.Generator) -> tuple[str, float, str]:
     """(alt-text-like caption, quality, kind): "loose" (right but sloppy), "wrong" (a wrong colour or
     shape) or "offtopic" (nothing to do with the image)."""
@@ -328,9 +358,14 @@ def _sample(i: int, seed: int, size: int, sid: int) -> dict[str, Any]:
     short = f"{_article(objects[0]['color'])} {objects[0]['color']} {objects[0]['shape']}"
     noisy, q_noisy, noisy_kind = _noisy_caption(objects, rng)
     q_short = {1: 0.8, 2: 0.65, 3: 0.55}[len(objects)]
+    full = [shape_mask(o["shape"], o["cx"], o["cy"], o["radius"], o["rot"], size) for o in objs]
+    covered_by = [[j for j in range(len(objs)) if objs[j]["z"] > objs[i]["z"] and (full[i] & full[j]).any()]
+                  for i in range(len(objs))]
+    hidden = [1.0 - float(v.sum()) / max(1.0, float(f.sum())) for v, f in zip(visible, full)]
+    long = _long_caption(objects, bg, covered_by, hidden)
     meta = {"dataset": "scenes", "class": label, "background": bg,
-            "captions": {"exact": exact, "short": short, "noisy": noisy},
-            "quality": {"exact": 1.0, "short": q_short, "noisy": q_noisy}, "noisy_kind": noisy_kind,
+            "captions": {"exact": exact, "short": short, "noisy": noisy, "long": long},
+            "quality": {"exact": 1.0, "short": q_short, "noisy": q_noisy, "long": 1.0}, "noisy_kind": noisy_kind,
             "objects": objects}
     return {"__key__": key(i), "image": Image.fromarray(img, "RGB"), "label": label, "caption": exact,
             "meta": meta, "mask": mask, "thermal": th, "depth": dp}
