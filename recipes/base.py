@@ -38,6 +38,9 @@ class DataSpec:
     (block masks) is seeded with the loader. `index=True` adds `__index__`, a sample's stable
     position in the dataset (the same in every epoch and on every rank), for memory banks.
     `drop_last=False` when `training_step` accepts a short batch: the epoch's last, partial batch is kept.
+    `prepare(shards, builtin)` maps the training shard pattern to the one the loader reads, once per run
+    before loading (rank 0 first): shards the method derives from the data and caches (FLAME's text
+    embeddings), or a check that names the command that makes them; `builtin` is True for zoo's own data.
     """
 
     fields: tuple[str, ...] = ("image",)  # required sample fields (zoo field names)
@@ -47,6 +50,7 @@ class DataSpec:
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     index: bool = False
     drop_last: bool = True  # False when the method's step accepts a short batch
+    prepare: Callable[[str, bool], str] | None = None
 
     def sample_transform(self, backbone: nn.Module) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """The transform the loader applies: the method's own, or the default single-image one."""

@@ -15,7 +15,10 @@ BIG = 100_000_000  # models above this are tested at a reduced input size and ma
 
 
 def _cases(modality: str = "image") -> list:
-    names = [n for n in zoo.list_models() if MODELS.get(n).meta.get("modality", "image") == modality]
+    """Registered models of a modality; FLAME's whole models read text through a frozen LM loaded by name and
+    are tested with one in tests/test_flame.py."""
+    names = [n for n in zoo.list_models() if MODELS.get(n).meta.get("modality", "image") == modality
+             and MODELS.get(n).meta.get("family") != "flame"]
     return [pytest.param(n, marks=pytest.mark.slow) if count_params(n) > BIG else n for n in names]
 
 

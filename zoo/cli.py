@@ -210,13 +210,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ConfigError("--last-heads sets a UNIP student's last-block head count; add --from unip")
     elif args.arch is None and args.source_format is None:
         raise ConfigError("zoo convert needs --arch ARCH, the zoo architecture SRC holds (e.g. --arch "
-                          "vit_base_patch16_224), or --from poa|unip|dit for an official POA, UNIP or DiT checkpoint")
+                          "vit_base_patch16_224), or --from poa|unip|dit|flame for an official POA, UNIP, DiT or "
+                          "FLAME checkpoint")
     if args.source_format == "dit":  # the whole checkpoint: dit_model takes its `ema` weights first
         from zoo.hub import read_checkpoint
         from zoo.convert import dit_model
 
         model = dit_model(read_checkpoint(src, trust_pickle=args.trust_pickle), arch=args.arch)
         card = {"provenance": {"converted_from": src.name, "method": "dit"}}
+        return _write_converted(model, card, args)
+    if args.source_format == "flame":  # the whole training checkpoint: its state_dict, the LLM dropped
+        from zoo.hub import read_checkpoint
+        from zoo.convert import flame_model
+
+        model = flame_model(read_checkpoint(src, trust_pickle=args.trust_pickle), arch=args.arch)
+        card = {"provenance": {"converted_from": src.name, "method": "flame"}}
         return _write_converted(model, card, args)
     sd = read_untrusted_pickle(src) if args.trust_pickle else read_state_dict(src)
     if args.source_format == "poa":
@@ -419,8 +427,13 @@ def _finish_eval(args: argparse.Namespace, rows: list[dict[str, Any]], results: 
     return 0
 
 
-def _tokenizer_for(model) -> Any:
-    """The model's own tokenizer (zoo CLIP models carry one), else open_clip's for open_clip:ARCH[/TAG]."""
+def _tokenizer_for(model, prompt: str | None = None) -> Any:
+    """The model's own tokenizer (zoo CLIP models carry one; FLAME models one per `prompt` kind), else
+    open_clip's for open_clip:ARCH[/TAG]."""
+    if prompt is not None:
+        if not callable(getattr(model, "text_tokenizer", None)):
+            raise ZooError("--prompt is for FLAME models (a frozen LM reading prompts); this model has no prompts")
+        return model.text_tokenizer(prompt)
     if callable(getattr(model, "tokenizer", None)):
         return model.tokenizer
     arch = str((getattr(model, "zoo_card", None) or {}).get("arch", ""))
@@ -457,7 +470,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     model = _model_for_eval(args.model, args.random_weights)
     require_image_text(model)
     classes = _classnames(args)
-    res = zero_shot_eval(model, _tokenizer_for(model), args.val, classes, templates=tuple(args.template),
+    res = zero_shot_eval(model, _tokenizer_for(model, args.prompt), args.val, classes, templates=tuple(args.template),
                          batch_size=args.batch_size, num_workers=args.workers)
     rows = [{"metric": k, "value": f"{v:.2f}"} for k, v in res.items()]
     return _finish_eval(args, rows, res, {f"zeroshot_{k}": round(v, 2) for k, v in res.items()}, {"classes": classes})
@@ -469,7 +482,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
     model = _model_for_eval(args.model, args.random_weights)
     require_image_text(model, "retrieval")
-    res = retrieval_eval(model, _tokenizer_for(model), args.val, caption=tuple(args.caption),
+    res = retrieval_eval(model, _tokenizer_for(model, args.prompt), args.val, caption=tuple(args.caption),
                          batch_size=args.batch_size, num_workers=args.workers)
     rows = [{"metric": k, "value": f"{v:.2f}"} for k, v in res.items()]
     return _finish_eval(args, rows, res, {k: round(v, 2) for k, v in res.items()}, {"captions": args.caption})
@@ -632,6 +645,28 @@ def cmd_captions_recaption(args: argparse.Namespace) -> int:
     if line := _skipped_line(rec["skipped"]):
         print(line)
     return 0
+
+
+def cmd_embed_text(args: argparse.Namespace) -> int:
+    from zoo.eval.text_embedding import embed_text_shards
+
+    captions = {"raw": args.raw_caption, "short": _none(args.short_caption), "long": _none(args.long_caption)}
+    rec = embed_text_shards(args.lm, args.data, args.out, captions=captions, field=args.field, layer=args.layer,
+                            positions=args.positions, batch_size=args.batch_size, max_length=args.max_length)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    layout = " + ".join(f"{n} {k}" for k, n in rec["layout"])
+    print(f"embedded {rec['samples']} samples with {rec['lm']} (layer {rec['layer']}, {layout} = {rec['n_facets']} "
+          f"rows of {rec['dim']}, fp16) into {rec['shards']} shard(s) in {rec['out']} as KEY.{rec['field']}.npy"
+          + (f"; {rec['kept_from_earlier_run']} shard(s) kept from an earlier run" if rec["kept_from_earlier_run"] else ""))
+    if line := _skipped_line(rec["counts"]):
+        print(line)
+    return 0
+
+
+def _none(value: str | None) -> str | None:
+    return None if value in (None, "", "none") else value
 
 
 def cmd_analyze_attention(args: argparse.Namespace) -> int:
@@ -823,6 +858,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    s = sub.add_parser("embed-text", help="FLAME: a frozen LM's facet-prompt embeddings of every caption, written "
+                                          "into new shards (resumable per shard)")
+    s.add_argument("--lm", required=True, help="a causal LM: a zoo name (llama_nano.scenes_captions), a transformers "
+                                               "folder or hf-hub:ORG/LM")
+    s.add_argument("--data", required=True, help="shards, e.g. 'data/*.tar'")
+    s.add_argument("--out", required=True, help="output folder (same shard names; rerun to resume)")
+    s.add_argument("--raw-caption", default="caption", help="the alt-text, 1 prompt (default: caption, the txt member)")
+    s.add_argument("--short-caption", default="short", help="3 facets; 'none' leaves them out (default: short)")
+    s.add_argument("--long-caption", default="long", help="7 facets; 'none' leaves them out (default: long)")
+    s.add_argument("--field", default="flame", help="the new member: KEY.FIELD.npy (default flame)")
+    s.add_argument("--layer", type=int, help="the LM block whose output is read (default: the penultimate)")
+    s.add_argument("--positions", choices=["restart", "sequential"], default="restart",
+                   help="facet position ids: as if run alone (default) or counting on (FLAME's released code)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--max-length", type=int, help="most tokens per prompt (default: the LM's context)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_embed_text)
+
     s = sub.add_parser("list", help="list architectures and pretrained models")
     s.add_argument("pattern", nargs="?", help="wildcard (vit_*_patch4_*) or substring")
     s.add_argument("--pretrained", action="store_true", help="only names with weights")
@@ -840,10 +893,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
     s.add_argument("out", help="OUT.safetensors, or a name to publish in the zoo store (arch.tag)")
     s.add_argument("--arch", help="zoo architecture, e.g. vit_base_patch16_224 (with --from poa/unip: inferred)")
-    s.add_argument("--from", dest="source_format", choices=("poa", "unip", "dit"),
+    s.add_argument("--from", dest="source_format", choices=("poa", "unip", "dit", "flame"),
                    help="poa: an official POA teacher_checkpoint.pth, cut to the sub-network --width x --depth; "
                         "unip: an official UNIP checkpoint (its untrained last-block parts are reported); "
-                        "dit: an official DiT .pt (DiT-XL-2-256x256.pt, or a training checkpoint: its ema weights)")
+                        "dit: an official DiT .pt (DiT-XL-2-256x256.pt, or a training checkpoint: its ema weights); "
+                        "flame: an official FLAME epoch_N.pt (image tower + projector; the frozen LLM is dropped)")
     s.add_argument("--last-heads", type=int, help="with --from unip: the last block's head count, the teacher's "
                                                   "(16 for the released MAE-L/iBOT-L teachers, 12 for DINO-B)")
     s.add_argument("--width", type=int, help="with --from poa: embedding width, a multiple of the head size")
@@ -916,6 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--val", required=True, help="shards to evaluate on")
         s.add_argument("--batch-size", type=int, default=64)
         s.add_argument("--workers", type=int, default=0)
+        s.add_argument("--prompt", choices=["raw", "short", "long"],
+                       help="FLAME models: the prompts the LM reads the texts in (default raw; long: 7 facets, averaged)")
         _eval_outputs(s)
         if proto == "zeroshot":
             s.add_argument("--classnames", nargs="+", help="one per label (default: classes in the shards' dataset.json)")

@@ -7,7 +7,7 @@ unexpected and mis-shaped keys. A timm `VisionTransformer` becomes the zoo ViT w
 (`from_timm`, `as_zoo_vit`: attention hooks, UNIP teachers); official UNIP checkpoints load with their last block's
 own head count (`unip_model`). Official POA checkpoints (one elastic ViT holding many sizes) are sliced into
 the plain ViT of a chosen width and depth (`poa_to_vit`, `poa_model`). Official DiT checkpoints (their `ema`
-weights first) become zoo DiTs (`dit_model`). The other way, `to_timm` and `timm_config` describe a zoo model as the
+weights first) become zoo DiTs (`dit_model`), official FLAME checkpoints zoo FLAME image sides (`flame_model`). The other way, `to_timm` and `timm_config` describe a zoo model as the
 timm model that loads its state dict unchanged.
 """
 
@@ -231,12 +231,13 @@ def timm_config(model: nn.Module) -> dict[str, Any] | None:
     arch = getattr(model, "zoo_arch", None)
     if isinstance(model, VisionTransformer) and last_heads(model) is not None:
         return None  # timm's ViT has one head count: it would load the weights with another forward
+    if isinstance(model, VisionTransformer) and model.blocks[0].norm1.eps != 1e-6:
+        return None  # config.json cannot give timm's LayerNorm another eps (open_clip towers: 1e-5)
     if isinstance(model, VisionTransformer):
         args = {k: v for k, v in timm_kwargs(model).items() if k not in ("norm_layer", "num_classes")}
         # zoo ViTs take any input size (resampling the position embedding); the rest pins timm's defaults that
         # zoo's ViT shares, whatever the named entrypoint sets
-        args.update(dynamic_img_size=True, no_embed_class=False, pre_norm=False, fc_norm=None, reg_tokens=0,
-                    qk_norm=False)
+        args.update(dynamic_img_size=True, no_embed_class=False, fc_norm=None, reg_tokens=0, qk_norm=False)
         extra = {"first_conv": "patch_embed.proj", "classifier": "head"}
         architecture = arch if arch and timm.is_model(arch) else TIMM_VIT_FALLBACK
     elif arch and isinstance(model, timm.models.ResNet) and timm.is_model(arch):  # zoo's ResNets are timm's
@@ -462,4 +463,141 @@ def dit_model(checkpoint: Mapping[str, Any], *, arch: str | None = None) -> nn.M
         raise CheckpointMismatchError("DiT checkpoint: its pos_embed is not the fixed 2-D sin-cos embedding "
                                       f"diffusers' DiT uses (shape {tuple(sd['pos_embed'].shape)} vs "
                                       f"{tuple(fixed.shape)}); it cannot be converted faithfully")
+    return model
+
+
+# -- official FLAME checkpoints (MIV-XJTU/FLAME, an open_clip fork) ---------------------------------------------
+# `{'epoch', 'name', 'state_dict', 'optimizer', 'scaler'}`, keys `module.`-prefixed: `visual.*` an open_clip
+# VisionTransformer (GELU, LayerNorm eps 1e-5, ln_pre, no conv bias, heads = width / 64), `mm.*` the projector
+# nn.Sequential(Linear, GELU, Linear, LayerNorm) (zoo's FLAME.mm index for index), `logit_scale`, `logit_bias`,
+# and the frozen LLM under `text.*`. Its images are normalised with OpenAI CLIP's mean/std, resized and cropped.
+FLAME_MARKS = ("visual.conv1.weight", "mm.0.weight")
+FLAME_HEAD_WIDTH = 64  # open_clip CLIPVisionCfg.head_width, which FLAME's configs leave at its default
+FLAME_NORM_EPS = 1e-5  # open_clip's LayerNorm is torch's, default eps
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# open_clip block names -> zoo/timm block names (q, k, v stay fused: in_proj is [q; k; v] as timm's qkv is)
+_OPEN_CLIP_BLOCK = {"ln_1.": "norm1.", "attn.in_proj_": "attn.qkv.", "attn.out_proj.": "attn.proj.", "ls_1.": "ls1.",
+                    "ln_2.": "norm2.", "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2.", "ls_2.": "ls2."}
+# What FLAME's encode_image never reads: open_clip's ln_post and proj (its CLIP head; FLAME pools the projector's
+# output over tokens taken before them)
+_OPEN_CLIP_UNUSED = ("ln_post.", "proj")
+
+
+def is_official_flame(checkpoint: Any) -> bool:
+    """Whether a checkpoint is FLAME's (a training checkpoint or its bare state dict, `module.` or not)."""
+    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(sd, Mapping):
+        return False
+    keys = {k.removeprefix("module.") for k in sd if isinstance(k, str)}
+    return all(mark in keys for mark in FLAME_MARKS)
+
+
+def _open_clip_vit_key(key: str) -> str | None:
+    """An open_clip VisionTransformer key (without `visual.`) under zoo's ViT name; None for one FLAME never uses;
+    anything unknown unchanged (load_checked then names it)."""
+    if key.startswith(_OPEN_CLIP_UNUSED):
+        return None
+    fixed = {"conv1.weight": "patch_embed.proj.weight", "class_embedding": "cls_token",
+             "positional_embedding": "pos_embed"}
+    if key in fixed:
+        return fixed[key]
+    if key.startswith("ln_pre."):
+        return "norm_pre." + key.removeprefix("ln_pre.")
+    if key.startswith("transformer.resblocks."):
+        i, name = key.removeprefix("transformer.resblocks.").split(".", 1)
+        for old, new in _OPEN_CLIP_BLOCK.items():
+            if name.startswith(old):
+                return f"blocks.{i}.{new}{name.removeprefix(old)}"
+    return key
+
+
+def flame_model(checkpoint: Mapping[str, Any], *, arch: str | None = None, lm: str | None = None,
+                head_width: int = FLAME_HEAD_WIDTH) -> nn.Module:
+    """An official FLAME checkpoint as zoo's FLAME, computing FLAME's `encode_image`: the tower's tokens before
+    ln_post, the projector on every token, the mean over the patch tokens. The LLM (`text.*`) is dropped: name it
+    with `lm` (FLAME-Mistral-Nemo: 'hf-hub:mistralai/Mistral-Nemo-Instruct-2407'). open_clip's ln_post and proj
+    are dropped too (FLAME never reads them); the tower's unused fc_norm keeps its initial (1, 0). `arch`: a
+    registered FLAME arch whose tower has the checkpoint's width (default: the one that has it, e.g.
+    flame_vit_base_patch16_224 for ViT-B/16); depth, patch, image size, heads (width / `head_width`) and the
+    projector's widths come from the tensors."""
+    from zoo.factory import create_model
+    from zoo.models.flame import FLAME_ARCHS
+    from zoo.models.vit import VIT_ARCHS
+
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(f"not a FLAME checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    sd = unwrap(checkpoint)
+    if not any(k.startswith("visual.") for k in sd) or not any(k.startswith("mm.") for k in sd):
+        sample = ", ".join(list(sd)[:3]) or "no tensors"
+        raise CheckpointMismatchError(
+            f"not an official FLAME checkpoint: no visual.* (image tower) and mm.* (projector) keys (found {sample}); "
+            "FLAME's epoch_N.pt holds {'state_dict': {'module.visual.*', 'module.mm.*', 'module.logit_scale', ...}}")
+    if "visual.conv1.weight" not in sd or "visual.positional_embedding" not in sd:
+        raise CheckpointMismatchError("FLAME checkpoint: its image tower is not an open_clip VisionTransformer (no "
+                                      "visual.conv1.weight / visual.positional_embedding); only ViT towers convert")
+    if not all(f"mm.{i}.weight" in sd for i in (0, 2, 3)) or any(k.startswith(("mm.1.", "mm.4.")) for k in sd):
+        raise CheckpointMismatchError("FLAME checkpoint: its projector is not Linear, GELU, Linear, LayerNorm "
+                                      f"(mlp_depth 2; found {sorted(k for k in sd if k.startswith('mm.'))[:6]})")
+    n_text = sum(k.startswith("text.") for k in sd)
+    if n_text:
+        log.info("FLAME checkpoint: dropped the frozen language model (%d text.* keys)", n_text)
+
+    conv, pos = sd["visual.conv1.weight"], sd["visual.positional_embedding"]
+    width, patch = conv.shape[0], conv.shape[-1]
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    if side * side != pos.shape[0] - 1:
+        raise CheckpointMismatchError(f"FLAME tower has {pos.shape[0] - 1} patch positions, not a square grid")
+    depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks."))
+    if width % head_width:
+        raise ConfigError(f"FLAME tower width {width} is not a multiple of head_width={head_width}; pass the "
+                          "head width its config used (open_clip's vision_cfg.head_width)")
+    vision_args = dict(
+        img_size=side * patch, patch_size=patch, in_chans=conv.shape[1], depth=depth, num_heads=width // head_width,
+        mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+        qkv_bias="visual.transformer.resblocks.0.attn.in_proj_bias" in sd, pre_norm="visual.ln_pre.weight" in sd,
+        norm_eps=FLAME_NORM_EPS, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+        init_values=1e-5 if "visual.transformer.resblocks.0.ls_1.gamma" in sd else None,  # overwritten by the weights
+    )
+    if arch is None:
+        fits = [a for a, (v, _) in FLAME_ARCHS.items() if VIT_ARCHS[v]["embed_dim"] == width]
+        same = [a for a in fits if all(VIT_ARCHS[FLAME_ARCHS[a][0]].get(k, d) == vision_args[k]
+                                       for k, d in (("img_size", 224), ("patch_size", 16), ("depth", 12)))]
+        if not fits:
+            raise ConfigError(f"no registered FLAME arch has a {width}-wide image tower (they have: "
+                              + ", ".join(f"{a} {VIT_ARCHS[v]['embed_dim']}" for a, (v, _) in FLAME_ARCHS.items())
+                              + "); register one in zoo.models.flame.FLAME_ARCHS")
+        arch = (same or fits)[0]
+    arch = arch.partition(".")[0]
+    if arch not in FLAME_ARCHS:
+        raise ConfigError(f"{arch!r} is not a FLAME arch; use one of {', '.join(FLAME_ARCHS)}")
+    tower_width = VIT_ARCHS[FLAME_ARCHS[arch][0]]["embed_dim"]
+    if tower_width != width:
+        raise CheckpointMismatchError(f"FLAME checkpoint's image tower is {width} wide, {arch}'s {tower_width}; "
+                                      "leave arch out to pick the FLAME arch of that width")
+
+    weights: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("visual."):
+            new = _open_clip_vit_key(k.removeprefix("visual."))
+            if new is None:
+                continue
+            if new == "cls_token":
+                v = v.reshape(1, 1, -1)
+            elif new == "pos_embed":
+                v = v.unsqueeze(0)
+            weights["visual." + new] = v
+        elif not k.startswith("text."):
+            weights[k] = v  # mm.*, logit_scale, logit_bias; anything else is refused by load_checked
+    if "logit_bias" not in weights and "logit_scale" in weights:
+        log.info("FLAME checkpoint has no logit_bias (trained without --mp-sigmoid): using 0, its forward's value")
+        weights["logit_bias"] = torch.zeros_like(weights["logit_scale"])
+
+    args = dict(lm=lm, embed_dim=sd["mm.2.weight"].shape[0], mm_hidden=sd["mm.0.weight"].shape[0], **vision_args)
+    model = create_model(arch, **args)
+    for name, t in model.visual.fc_norm.state_dict().items():  # unused by FLAME (see docstring): its own init
+        weights[f"visual.fc_norm.{name}"] = t
+    load_checked(model, weights, "FLAME checkpoint", strict=True)
+    for cfg in (model.pretrained_cfg, model.visual.pretrained_cfg):
+        cfg["crop_pct"] = 1.0  # open_clip: resize the short side to the image size, then centre-crop it
     return model

@@ -38,7 +38,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from zoo.convert import fit_state_dict, load_checked, timm_config, unwrap
+from zoo.convert import fit_state_dict, flame_model, is_official_flame, load_checked, timm_config, unwrap
 from zoo.errors import (
     CheckpointMismatchError,
     ChecksumError,
@@ -591,6 +591,9 @@ def _load_file(path: Path, arch: str | None, overrides: dict[str, Any], strict: 
 
         model = dit_model(ckpt, arch=split_name(arch)[0] if arch else None)
         return _finish(model, {"arch": model.zoo_arch, "args": model.zoo_args, "format": "dit"}, str(path))
+    if is_official_flame(ckpt):  # MIV-XJTU/FLAME's training checkpoint: the image side converted, the LLM dropped
+        model = flame_model(ckpt, arch=split_name(arch)[0] if arch else None, lm=overrides.get("lm"))
+        return _finish(model, {"arch": model.zoo_arch, "args": model.zoo_args, "format": "flame"}, str(path))
     if arch is not None:
         card = {**(card or {}), "arch": split_name(arch)[0]}
     if card is None:

@@ -29,7 +29,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_indexes(out: Path, shards: list[Path], sizes: dict[str, int], *, name: str, split: str) -> None:
+def write_indexes(out: Path, shards: list[Path], sizes: dict[str, int], *, name: str, split: str) -> None:
     """timm's `_info.json` and a wids shard index beside the shards, with paths relative to `out`."""
     names = [p.name for p in shards]
     timm_info = {"name": str(name), "splits": {split: {
@@ -112,7 +112,7 @@ def write_shards(
             tmp.unlink(missing_ok=True)
         raise
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
-    _write_indexes(out, shards, sizes, name=(info or {}).get("name") or out.name,
+    write_indexes(out, shards, sizes, name=(info or {}).get("name") or out.name,
                    split=split or (info or {}).get("split") or "train")
     if info is not None:
         meta = {**info, "num_samples": sum(sizes.values()), "fields": sorted(fields_seen), "shards": len(shards)}

@@ -113,7 +113,8 @@ def resolve_data(source: str | None, split: str, backbone: torch.nn.Module, n: i
 
     if source is None or BUILTIN_PREFIX not in source:
         return source
-    size = int(backbone.pretrained_cfg["input_size"][-1])
+    pcfg = getattr(backbone, "pretrained_cfg", None) or {}  # a text model has no image size: the default 32 px
+    size = int(pcfg.get("input_size", (3, 32, 32))[-1])
     return resolve_source(source, split=split, root=data_root(), size=size, n=n)
 
 
@@ -483,12 +484,18 @@ class Trainer:
                               "(or data.builtin: fractals | scenes | digits) in the recipe")
         backbone = method.backbone()
         self.data_source = data_description(cfg)
-        if self.main:
-            urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
-        self._barrier()  # rank 0 generates built-in shards first
-        if not self.main:
-            urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
         spec = method.data_spec()
+        builtin = not cfg.data.train
+
+        def shards() -> str:
+            urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
+            return spec.prepare(urls, builtin) if spec.prepare is not None else urls
+
+        if self.main:
+            urls = shards()
+        self._barrier()  # rank 0 generates built-in shards (and the method's derived ones) first
+        if not self.main:
+            urls = shards()
         transform = spec.sample_transform(backbone)
 
         def prepare(sample: dict[str, Any]) -> dict[str, Any]:

@@ -200,7 +200,7 @@ class FLAME(nn.Module):
     output embeds a prompt (default the penultimate); logit scale/bias: SigLIP's init, t = 10, b = -10.
     """
 
-    def __init__(self, vision: str = "vit_tiny_patch4_32", lm: str | None = None, embed_dim: int = 256,
+    def __init__(self, vision: str = "vit_tiny_patch4_32", lm: str | None = None, embed_dim: int = 128,
                  mm_hidden: int | None = None, layer: int | None = None, max_length: int | None = None,
                  init_logit_scale: float = math.log(10), init_logit_bias: float = -10.0, **vision_args: Any):
         super().__init__()
@@ -270,8 +270,8 @@ def _flame_factory(vision: str, defaults: dict[str, Any]):
 # arch -> (image tower, defaults). FLAME-Mistral-NeMo-ViT-B-16 embeds into Mistral-NeMo's 5120 with a 5120-wide
 # projector; the CPU archs into the zoo LMs' widths.
 FLAME_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
-    "flame_vit_nano_patch4_32": ("vit_nano_patch4_32", {"embed_dim": 256}),
-    "flame_vit_tiny_patch4_32": ("vit_tiny_patch4_32", {"embed_dim": 256}),
+    "flame_vit_nano_patch4_32": ("vit_nano_patch4_32", {"embed_dim": 128}),
+    "flame_vit_tiny_patch4_32": ("vit_tiny_patch4_32", {"embed_dim": 128}),
     "flame_vit_base_patch16_224": ("vit_base_patch16_224", {"embed_dim": 5120, "mm_hidden": 5120}),
 }
 for _arch, (_vision, _defaults) in FLAME_ARCHS.items():

@@ -5,8 +5,8 @@ position_ids, output_hidden_states=...)`) carrying `tokenizer` (a transformers f
 `zoo_arch` / `zoo_args`, so it publishes and loads by name like every zoo model; a published folder is also
 a transformers folder (`AutoModelForCausalLM.from_pretrained(DIR)`, `AutoTokenizer.from_pretrained(DIR)`).
 
-- CPU scale, trained by `recipes/lm.py` on the built-in captions: `llama_nano` (6 blocks, width 256),
-  `llama_tiny` (8 blocks, width 384): Llama blocks (RMSNorm, RoPE, SwiGLU), untied embeddings.
+- CPU scale, trained by `recipes/lm.py` on the built-in captions: `llama_nano` (4 blocks, width 128, ~1M
+  parameters), `llama_tiny` (6 blocks, width 256, ~5M): Llama blocks (RMSNorm, RoPE, SwiGLU), untied embeddings.
 - Real shapes, random weights (throughput, memory): `llama_1b` (Llama-3.2-1B) and `mistral_nemo_12b`
   (Mistral-NeMo-12B, FLAME's text encoder).
 
@@ -32,10 +32,10 @@ TOKENIZER_FILE = "tokenizer.json"  # what marks a folder that carries its tokeni
 # arch -> (transformers model_type, its config arguments). Untied input/output embeddings everywhere: a
 # published safetensors file cannot hold one tensor under two names.
 LM_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama_nano": ("llama", dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=4,
+    "llama_nano": ("llama", dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=4, max_position_embeddings=512, vocab_size=1024)),
-    "llama_tiny": ("llama", dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-                                 num_key_value_heads=6, max_position_embeddings=512, vocab_size=1024)),
+    "llama_tiny": ("llama", dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=4,
+                                 num_key_value_heads=4, max_position_embeddings=512, vocab_size=1024)),
     "llama_1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                                num_key_value_heads=8, max_position_embeddings=8192, vocab_size=128256,
                                rope_theta=500000.0)),
@@ -114,7 +114,7 @@ def _left_padded(tok):
 
 def save_lm_files(model: nn.Module, folder: Path) -> None:
     """The tokenizer files beside a published LM's weights (transformers' own names)."""
-    if getattr(model, "tokenizer", None) is not None:
+    if is_lm(model) and getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save_pretrained(str(folder))
 
 
@@ -135,7 +135,14 @@ LOADERS: list[Any] = []  # zoo.hub registers `load` here on import: models load 
 
 def load_frozen_lm(name: str) -> nn.Module:
     """`zoo.load(name)` as a frozen text encoder: no gradients, eval mode; a one-line error for a non-LM."""
-    model = LOADERS[0](name)  # importing zoo imports zoo.hub, which registers it
+    from zoo.errors import UnknownNameError
+
+    try:
+        model = LOADERS[0](name)  # importing zoo imports zoo.hub, which registers it
+    except UnknownNameError as e:
+        where = str(e).split(": ", 1)[-1].split(" (`zoo list`")[0]
+        raise UnknownNameError(f"language model {name!r} not found ({where}); publish one (`zoo pretrain "
+                               "lm_llama_nano_scenes`), or name a transformers folder or hf-hub:ORG/LM") from None
     if not is_lm(model):
         raise ConfigError(f"{name!r} is a {type(model).__name__}, not a causal language model; name a zoo LM "
                           "(`zoo list llama*`), a transformers folder or hf-hub:ORG/LM")

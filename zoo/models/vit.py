@@ -192,9 +192,13 @@ class VisionTransformer(nn.Module):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         last_heads: int | None = None,
+        pre_norm: bool = False,
+        norm_eps: float = 1e-6,
     ):
         """`last_heads`: the last block's head count when it differs from `num_heads` (UNIP's student takes its
-        teacher's head count there: ViT-S with 16 heads of 24 channels in its last block)."""
+        teacher's head count there: ViT-S with 16 heads of 24 channels in its last block). `pre_norm`: a LayerNorm
+        `norm_pre` after the position embedding, before the blocks, and no patch-embedding bias (timm's rule; CLIP
+        ViTs' `ln_pre`); `norm_eps`: every LayerNorm's eps (open_clip's are 1e-5)."""
         super().__init__()
         for what, heads in (("num_heads", num_heads), ("last_heads", last_heads)):
             if heads is not None and (heads < 1 or embed_dim % heads):
@@ -207,18 +211,19 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True")
         if pos_embed not in ("learn", "sincos"):
             raise ValueError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.pos_embed_type = pos_embed
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         n_pos = self.patch_embed.num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=pos_embed == "learn")
         self.pos_drop = nn.Dropout(drop_rate)
+        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule
         self.blocks = nn.Sequential(
             *[
@@ -266,7 +271,7 @@ class VisionTransformer(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups by depth, timm's convention: stem first, one group per block, the final norm
         last. timm's layer-decay optimizer factory and `Method.param_groups(layer_decay=...)` read it."""
-        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed|^norm_pre", "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -293,7 +298,7 @@ class VisionTransformer(nn.Module):
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Patch tokens + position embedding, then the class token. Optionally only the patches `keep` (B, K)
+        """Patch tokens + position embedding, then the class token (then `norm_pre`, if any). Optionally only the patches `keep` (B, K)
         (MAE), or with the patches where `mask` (B, N) is True replaced by `mask_token` (D,) or (1, 1, D)
         before the position embedding is added (iBOT/DINOv2); the caller owns the token."""
         if keep is not None and mask is not None:
@@ -314,7 +319,7 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
             x = torch.cat([cls, x], dim=1)
-        return self.pos_drop(x)
+        return self.norm_pre(self.pos_drop(x))
 
     def _run_blocks(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, seqlens: Sequence[int] | None = None
@@ -514,6 +519,8 @@ def vit_kwargs(model: VisionTransformer) -> dict[str, Any]:
         mean=tuple(model.pretrained_cfg["mean"]),
         std=tuple(model.pretrained_cfg["std"]),
         last_heads=last_heads(model),
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        norm_eps=blk.norm1.eps,
     )
 
 
@@ -529,9 +536,9 @@ def timm_kwargs(model: VisionTransformer) -> dict[str, Any]:
         raise ZooError(f"this ViT's last block has {last_heads(model)} heads and the others "
                        f"{model.blocks[0].attn.num_heads}: timm's VisionTransformer has one head count, so it would load "
                        "these weights with a different forward; use the zoo model")
-    zoo_only = ("pos_embed", "drop_rate", "attn_drop_rate", "drop_path_rate", "mean", "std", "last_heads")
+    zoo_only = ("pos_embed", "drop_rate", "attn_drop_rate", "drop_path_rate", "mean", "std", "last_heads", "norm_eps")
     args = {k: v for k, v in vit_kwargs(model).items() if k not in zoo_only}
-    return {**args, "norm_layer": partial(nn.LayerNorm, eps=1e-6)}
+    return {**args, "norm_layer": partial(nn.LayerNorm, eps=model.blocks[0].norm1.eps)}
 
 
 __all__ = ["VisionTransformer", "Block", "Attention", "drop_path_packed", "sincos_pos_embed_2d", "VIT_ARCHS", "timm_kwargs",
