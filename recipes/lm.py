@@ -14,6 +14,7 @@ Registered as `RECIPES["lm"]`; `export()` publishes the LM with its tokenizer (a
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Mapping, Sequence
 
@@ -64,6 +65,14 @@ def builtin_corpus(n: int, seed: int = 0) -> list[str]:
             head, pieces = PROMPTS[p].texts(meta["captions"][kind])
             texts.extend(head + piece + answers[f] + '"' for f, piece in enumerate(pieces))
     return texts
+
+
+@functools.lru_cache(maxsize=4)
+def builtin_tokenizer(samples: int, vocab_size: int):
+    """The byte-level BPE of `builtin_corpus(samples)` (deterministic; built once per process)."""
+    from zoo.models.lm import train_tokenizer
+
+    return train_tokenizer(builtin_corpus(samples), vocab_size)
 
 
 class TextSampler:
@@ -119,9 +128,7 @@ class CausalLM(Method):
         if unknown or not captions:
             raise ConfigError(f"lm: captions must be some of {', '.join(CAPTION_KINDS)}; got {list(captions)!r}")
         if tokenizer == "builtin":
-            from zoo.models.lm import train_tokenizer
-
-            tok = train_tokenizer(builtin_corpus(int(tokenizer_samples)), int(vocab_size))
+            tok = builtin_tokenizer(int(tokenizer_samples), int(vocab_size))
         else:
             from zoo.models.lm import load_tokenizer
 

@@ -223,7 +223,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from zoo.hub import read_checkpoint
         from zoo.convert import flame_model
 
-        model = flame_model(read_checkpoint(src, trust_pickle=args.trust_pickle), arch=args.arch)
+        model = flame_model(read_checkpoint(src, trust_pickle=args.trust_pickle), arch=args.arch, lm=args.lm)
         card = {"provenance": {"converted_from": src.name, "method": "flame"}}
         return _write_converted(model, card, args)
     sd = read_untrusted_pickle(src) if args.trust_pickle else read_state_dict(src)
@@ -893,6 +893,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
     s.add_argument("out", help="OUT.safetensors, or a name to publish in the zoo store (arch.tag)")
     s.add_argument("--arch", help="zoo architecture, e.g. vit_base_patch16_224 (with --from poa/unip: inferred)")
+    s.add_argument("--lm", help="--from flame: the language model its text side loads by name, e.g. "
+                                "hf-hub:mistralai/Mistral-Nemo-Instruct-2407")
     s.add_argument("--from", dest="source_format", choices=("poa", "unip", "dit", "flame"),
                    help="poa: an official POA teacher_checkpoint.pth, cut to the sub-network --width x --depth; "
                         "unip: an official UNIP checkpoint (its untrained last-block parts are reported); "

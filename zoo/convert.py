@@ -7,8 +7,8 @@ unexpected and mis-shaped keys. A timm `VisionTransformer` becomes the zoo ViT w
 (`from_timm`, `as_zoo_vit`: attention hooks, UNIP teachers); official UNIP checkpoints load with their last block's
 own head count (`unip_model`). Official POA checkpoints (one elastic ViT holding many sizes) are sliced into
 the plain ViT of a chosen width and depth (`poa_to_vit`, `poa_model`). Official DiT checkpoints (their `ema`
-weights first) become zoo DiTs (`dit_model`), official FLAME checkpoints zoo FLAME image sides (`flame_model`). The other way, `to_timm` and `timm_config` describe a zoo model as the
-timm model that loads its state dict unchanged.
+weights first) become zoo DiTs (`dit_model`), official FLAME checkpoints zoo FLAME image sides (`flame_model`).
+The other way, `to_timm` and `timm_config` describe a zoo model as the timm model that loads its state dict unchanged.
 """
 
 from __future__ import annotations

@@ -273,6 +273,7 @@ FLAME_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "flame_vit_nano_patch4_32": ("vit_nano_patch4_32", {"embed_dim": 128}),
     "flame_vit_tiny_patch4_32": ("vit_tiny_patch4_32", {"embed_dim": 128}),
     "flame_vit_base_patch16_224": ("vit_base_patch16_224", {"embed_dim": 5120, "mm_hidden": 5120}),
+    "flame_vit_large_patch14_224": ("vit_large_patch16_224", {"embed_dim": 5120, "mm_hidden": 5120, "patch_size": 14}),
 }
 for _arch, (_vision, _defaults) in FLAME_ARCHS.items():
     MODELS.register(_arch, _flame_factory(_vision, _defaults), family="flame", modality="image-text", vision=_vision,
