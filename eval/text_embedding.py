@@ -144,13 +144,15 @@ def embed_text_shards(
     batch_size: int = 32,
     max_length: int | None = None,
     lm_name: str | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Write `out/SHARD.tar` for every input shard with each sample's facet embeddings added as `KEY.FIELD.npy`.
 
     `lm`: a loaded LM (with `.tokenizer`) or a name `zoo.load` takes. `captions`: the caption name per prompt kind
     ("caption" is the txt member, others `meta["captions"][name]`; None leaves that kind out). Returns a report:
-    samples written, shards written and kept from an earlier run, counts of what was skipped or fell back."""
-    from zoo.models.lm import load_frozen_lm
+    samples written, shards written and kept from an earlier run, counts of what was skipped or fell back.
+    `device`: where the LM runs (default: the GPU when there is one, in bf16 where it computes it natively)."""
+    from zoo.models.lm import default_dtype, load_frozen_lm
 
     captions = _check_captions(captions)
     if not field or "." in field or field in ("image", "caption", "meta", "label"):
@@ -162,6 +164,9 @@ def embed_text_shards(
     if getattr(model, "tokenizer", None) is None:
         raise ConfigError(f"language model {name!r} has no tokenizer attached; load it with zoo.load (which attaches "
                           "the one saved beside it)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = next(model.parameters()).dtype
+    model = model.to(device=device, dtype=default_dtype(device) if dtype == torch.float32 else dtype)
     layer = default_layer(model) if layer is None else int(layer)
     urls = [u for source in expand_sources(data if isinstance(data, str) else list(data)) for u in source]
     out = Path(out).expanduser()

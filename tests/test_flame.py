@@ -264,3 +264,36 @@ def test_zoo_lm_is_a_transformers_folder_and_loads_from_the_hub_offline(tiny_lm,
     with pytest.raises(ZooError, match="only dtype= may be given"):
         zoo.load(str(snap), num_classes=3)
     assert zoo.load(str(snap), dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_lm_corpus_asks_flames_questions_and_answers_from_the_metadata(scenes):
+    import random
+
+    from zoo.models.flame import PROMPTS
+    from zoo.recipes.lm import corpus_texts, scene_answers
+
+    meta = next(s["meta"] for s in scenes if len(s["meta"]["objects"]) >= 2)
+    main, minor = meta["objects"][:2]
+    assert scene_answers(meta) == (main["shape"], main["shape"], main["color"], minor["shape"], minor["color"],
+                                   "nothing", meta["background"])
+    rng = random.Random(0)
+    for _ in range(20):
+        text = corpus_texts(meta, rng, qa_fraction=1.0, kinds=("exact",))
+        assert text.endswith('"') and 'means in just one word:"' in text
+        question, answer = text[:-1].rsplit(':"', 1)
+        assert answer in scene_answers(meta)
+        assert any(question.startswith(p.prefix.split("{}")[0]) for p in PROMPTS.values())
+    assert corpus_texts(meta, rng, qa_fraction=0.0, kinds=("long",)) == meta["captions"]["long"]
+
+
+def test_cli_embed_text(published_lm, scenes, tmp_path, capsys):
+    from zoo.cli import main
+
+    data = _shards(scenes, tmp_path / "raw")
+    argv = ["embed-text", "--lm", published_lm, "--data", data, "--out", str(tmp_path / "emb"), "--raw-caption", "noisy",
+            "--short-caption", "exact", "--long-caption", "none", "--json"]
+    assert main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["samples"] == 12 and rep["n_facets"] == 4 and rep["layout"] == [["raw", 1], ["short", 3]]
+    assert main(argv[:-1]) == 0  # again: every shard kept, nothing recomputed
+    assert "3 shard(s) kept from an earlier run" in capsys.readouterr().out

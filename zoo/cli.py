@@ -652,7 +652,8 @@ def cmd_embed_text(args: argparse.Namespace) -> int:
 
     captions = {"raw": args.raw_caption, "short": _none(args.short_caption), "long": _none(args.long_caption)}
     rec = embed_text_shards(args.lm, args.data, args.out, captions=captions, field=args.field, layer=args.layer,
-                            positions=args.positions, batch_size=args.batch_size, max_length=args.max_length)
+                            positions=args.positions, batch_size=args.batch_size, max_length=args.max_length,
+                            device=args.device)
     if args.json:
         print(json.dumps(rec, indent=2))
         return 0
@@ -873,6 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="facet position ids: as if run alone (default) or counting on (FLAME's released code)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--max-length", type=int, help="most tokens per prompt (default: the LM's context)")
+    s.add_argument("--device", help="where the LM runs: cuda, cuda:1, cpu (default: the GPU when there is one, bf16)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_embed_text)
 
