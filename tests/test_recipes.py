@@ -20,6 +20,7 @@ import torch
 import zoo
 from zoo.config import installed_recipes, load_config
 from zoo.engine.checkpoint import latest_checkpoint, load_checkpoint
+from zoo.engine.contract import Export
 from zoo.engine.trainer import build_method, pretrain
 from zoo.registry import RECIPES
 
@@ -77,7 +78,7 @@ def test_recipe_trains_learns_resumes_and_publishes(method, tmp_path):
     exports = trained.export(cfg.output.publish)
     assert set(straight.published) == set(exports) and cfg.output.publish in exports
     for name, item in exports.items():
-        model = getattr(item, "model", item)
+        model = item.model if isinstance(item, Export) else item  # (an LM has a .model of its own)
         loaded = zoo.load(name)
         assert loaded.zoo_card["provenance"]["recipe"] == method and loaded.zoo_card["provenance"]["steps"] == 8
         mine, theirs = model.state_dict(), loaded.state_dict()
