@@ -4,9 +4,11 @@ No pretrained LM can be downloaded here, so zoo makes its own, the way a real LM
 prediction (a transformers Llama-style `*ForCausalLM`, `zoo.models.lm`) over a text corpus, here the
 built-in scenes' captions of every kind (exact, short, noisy alt-text, long descriptions), text only, no
 image. Like the instruction data of a real LLM, a share of the corpus (`qa_fraction`) is FLAME's own
-prompts answered in one word: a caption wrapped in a facet prompt (`zoo.models.flame.PROMPTS`) followed by
-what the question asks about the scene, read from its metadata (the main object's shape and colour, the
-minor object's, the background), so the hidden state at a prompt's `:"` has learnt to summarise the caption.
+prompts answered in one word: a caption wrapped in a facet prompt (`zoo.models.flame.PROMPTS`) with every
+facet answered by what it asks about the scene, read from its metadata (the main object's shape and colour,
+the minor object's, the background), so the hidden state at a prompt's `:"` has learnt to summarise the
+caption. The facets of a text are packed as FLAME reads them (`pack`): each attends to the caption's prefix
+and to itself, with the positions it has alone, so one text trains all of its answers.
 The tokenizer is byte-level BPE trained on the same kind of text (`tokenizer_samples` scenes, seed 0).
 
 Registered as `RECIPES["lm"]`; `export()` publishes the LM with its tokenizer (a transformers folder too).
@@ -40,17 +42,16 @@ def scene_answers(meta: Mapping[str, Any]) -> tuple[str, ...]:
             minor["color"] if minor else "none", "nothing", meta["background"])
 
 
-def corpus_texts(meta: Mapping[str, Any], rng: random.Random, qa_fraction: float, kinds: Sequence[str]) -> str:
-    """One training text of a scene: a caption, or (with probability `qa_fraction`) a facet prompt on a caption
-    followed by its one-word answer and the closing quote."""
+def corpus_segments(meta: Mapping[str, Any], rng: random.Random, qa_fraction: float, kinds: Sequence[str]) -> list[str]:
+    """One training text of a scene, as segments: [a caption], or (with probability `qa_fraction`) a facet prompt
+    on a caption with ALL its facets answered: [prefix, facet 1 + answer + '"', ..., facet F + answer + '"'].
+    The facets are packed as FLAME reads them (`pack`): each sees the prefix and itself, never another facet."""
     captions = meta["captions"]
     if rng.random() < qa_fraction:
         kind = rng.choice([k for k in PROMPT_FOR if k in captions])
-        p = PROMPTS[PROMPT_FOR[kind]]
-        head, pieces = p.texts(captions[kind])
-        f = rng.randrange(len(pieces))
-        return head + pieces[f] + scene_answers(meta)[f] + '"'
-    return captions[rng.choice([k for k in kinds if k in captions])]
+        head, pieces = PROMPTS[PROMPT_FOR[kind]].texts(captions[kind])
+        return [head, *(piece + answer + '"' for piece, answer in zip(pieces, scene_answers(meta)))]
+    return [captions[rng.choice([k for k in kinds if k in captions])]]
 
 
 def builtin_corpus(n: int, seed: int = 0) -> list[str]:
@@ -76,7 +77,7 @@ def builtin_tokenizer(samples: int, vocab_size: int):
 
 
 class TextSampler:
-    """The per-sample transform (in the loader workers): one training text of the sample, tokenized."""
+    """The per-sample transform (in the loader workers): one training text of the sample, tokenized by segment."""
 
     def __init__(self, tokenizer: Any, max_length: int, qa_fraction: float, kinds: Sequence[str]):
         self.tokenizer, self.max_length, self.qa_fraction, self.kinds = tokenizer, max_length, qa_fraction, tuple(kinds)
@@ -86,21 +87,48 @@ class TextSampler:
         if not isinstance(meta, Mapping) or not isinstance(meta.get("captions"), Mapping) or "objects" not in meta:
             raise SampleError("lm: a sample needs the built-in scenes' json (captions and objects)")
         rng = random.Random(int(torch.randint(0, 2**31, ())))  # from the worker's seeded torch stream
-        text = corpus_texts(meta, rng, self.qa_fraction, self.kinds)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_length - 2]
-        ids = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
-        return {"input_ids": torch.tensor(ids, dtype=torch.long)}
+        texts = corpus_segments(meta, rng, self.qa_fraction, self.kinds)
+        tok = self.tokenizer
+        pieces = [[tok.bos_token_id, *tok(texts[0], add_special_tokens=False)["input_ids"]]]
+        pieces += [tok(t, add_special_tokens=False)["input_ids"] for t in texts[1:]]
+        if len(texts) == 1:
+            pieces[0].append(tok.eos_token_id)
+        kept, room = [], self.max_length
+        for piece in pieces:  # a text longer than max_length loses its last facets (or its tail)
+            if room <= 0:
+                break
+            kept.append(piece[:room])
+            room -= len(kept[-1])
+        return {"input_ids": torch.tensor([i for piece in kept for i in piece], dtype=torch.long),
+                "segments": torch.tensor([len(piece) for piece in kept], dtype=torch.long)}
 
 
-def pad_right(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask, and labels with -100 (ignored) on padding."""
+def pack(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids; a (B, 1, L, L) mask where every facet segment sees the prefix (the first segment)
+    and itself, causally, and nothing sees padding; position ids restarting after the prefix for every facet (as
+    `zoo.models.flame.FacetTokenizer` lays them out); labels with -100 on padding and on each later facet's
+    first token (the token before it belongs to another facet)."""
     width = max(len(i["input_ids"]) for i in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(items), width, dtype=torch.long)
+    b = len(items)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    seg = torch.full((b, width), -1, dtype=torch.long)
+    pos = torch.zeros(b, width, dtype=torch.long)
+    labels = torch.full((b, width), -100, dtype=torch.long)
     for r, item in enumerate(items):
-        ids[r, : len(item["input_ids"])] = item["input_ids"]
-        mask[r, : len(item["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        n = len(item["input_ids"])
+        ids[r, :n] = labels[r, :n] = item["input_ids"]
+        start, prefix = 0, int(item["segments"][0])
+        for f, length in enumerate(item["segments"].tolist()):
+            seg[r, start : start + length] = f
+            pos[r, start : start + length] = torch.arange(length) + (prefix if f else 0)
+            if f >= 2:
+                labels[r, start] = -100
+            start += length
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    q, k = seg[:, :, None], seg[:, None, :]
+    mask = causal & (k >= 0) & ((k == 0) | (k == q))
+    mask |= torch.eye(width, dtype=torch.bool) & (q < 0)  # padding rows see themselves: no NaN
+    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos, "labels": labels}
 
 
 class _Collate:
@@ -108,7 +136,7 @@ class _Collate:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return pad_right(items, self.pad_id)
+        return pack(items, self.pad_id)
 
 
 class CausalLM(Method):
@@ -138,9 +166,9 @@ class CausalLM(Method):
         self.max_length, self.qa_fraction, self.captions = int(max_length), float(qa_fraction), tuple(captions)
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        out = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                      use_cache=False)
-        return {"loss": out.loss, "tokens": batch["attention_mask"].sum().float()}
+        out = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+        return {"loss": out.loss, "tokens": (batch["labels"] >= 0).sum().float()}
 
     def repeated_blocks(self) -> list[nn.Module]:
         return list(self.lm.model.layers)
@@ -166,4 +194,4 @@ RECIPES.register(
     description="a small causal LM (transformers Llama) pretrained on built-in caption text: FLAME's frozen text encoder",
 )
 
-__all__ = ["CausalLM", "TextSampler", "builtin_corpus", "corpus_texts", "scene_answers", "pad_right"]
+__all__ = ["CausalLM", "TextSampler", "builtin_corpus", "corpus_segments", "scene_answers", "pack"]

@@ -270,20 +270,46 @@ def test_lm_corpus_asks_flames_questions_and_answers_from_the_metadata(scenes):
     import random
 
     from zoo.models.flame import PROMPTS
-    from zoo.recipes.lm import corpus_texts, scene_answers
+    from zoo.recipes.lm import corpus_segments, scene_answers
 
     meta = next(s["meta"] for s in scenes if len(s["meta"]["objects"]) >= 2)
     main, minor = meta["objects"][:2]
-    assert scene_answers(meta) == (main["shape"], main["shape"], main["color"], minor["shape"], minor["color"],
-                                   "nothing", meta["background"])
+    answers = scene_answers(meta)
+    assert answers == (main["shape"], main["shape"], main["color"], minor["shape"], minor["color"], "nothing",
+                       meta["background"])
     rng = random.Random(0)
-    for _ in range(20):
-        text = corpus_texts(meta, rng, qa_fraction=1.0, kinds=("exact",))
-        assert text.endswith('"') and 'means in just one word:"' in text
-        question, answer = text[:-1].rsplit(':"', 1)
-        assert answer in scene_answers(meta)
-        assert any(question.startswith(p.prefix.split("{}")[0]) for p in PROMPTS.values())
-    assert corpus_texts(meta, rng, qa_fraction=0.0, kinds=("long",)) == meta["captions"]["long"]
+    for _ in range(10):
+        head, *facets = corpus_segments(meta, rng, qa_fraction=1.0, kinds=("exact",))
+        prompt = next(p for p in PROMPTS.values() if head == p.texts(meta["captions"][{"raw": "exact", "short":
+                                                                                         "short", "long": "long"}[p.name]])[0])
+        assert facets == [piece + a + '"' for piece, a in zip(prompt.texts("x")[1], answers)]
+    assert corpus_segments(meta, rng, qa_fraction=0.0, kinds=("long",)) == [meta["captions"]["long"]]
+
+
+def test_lm_packed_facets_train_as_separate_texts(tiny_lm, scenes):
+    """One packed text (prefix + every answered facet, FLAME's mask and positions) gives each answer token the
+    logits it gets in its own text [prefix, facet]; the token after another facet is not a target."""
+    from zoo.recipes.lm import TextSampler, pack
+
+    sample = next(s for s in scenes if len(s["meta"]["objects"]) >= 2)
+    torch.manual_seed(3)
+    sampler = TextSampler(tiny_lm.tokenizer, 400, qa_fraction=1.0, kinds=("exact",))
+    item = sampler(sample)
+    segs = item["segments"].tolist()
+    assert len(segs) >= 2 and sum(segs) == len(item["input_ids"])
+    batch = pack([item, {"input_ids": item["input_ids"][:5], "segments": torch.tensor([5])}], tiny_lm.tokenizer.pad_token_id)
+    assert (batch["labels"][1, 5:] == -100).all()
+    with torch.no_grad():
+        packed = tiny_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"]).logits[0]
+        prefix = item["input_ids"][: segs[0]]
+        start = segs[0]
+        for f, length in enumerate(segs[1:], 1):
+            alone = torch.cat([prefix, item["input_ids"][start : start + length]])
+            logits = tiny_lm(alone[None]).logits[0]
+            torch.testing.assert_close(packed[start : start + length], logits[segs[0]:], atol=1e-4, rtol=1e-4)
+            assert (batch["labels"][0, start] == -100) == (f >= 2)
+            start += length
 
 
 def test_cli_embed_text(published_lm, scenes, tmp_path, capsys):
