@@ -13,7 +13,6 @@ counted. `dataset.json` records the LM, layer, layout and width, which the FLAME
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -27,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from zoo.data.fields import decode_field, field_of
+from zoo.data.fields import decode_field, encode_field, field_of
 from zoo.data.reader import iter_raw_samples
 from zoo.data.shards import REMOTE_PREFIXES, expand_sources, known_size
 from zoo.data.transforms import named_captions
-from zoo.data.writer import write_indexes
+from zoo.data.writer import add_member, write_indexes
 from zoo.errors import ConfigError, ZooError
 from zoo.models.flame import CACHE_LAYOUT, PROMPTS, FacetTokenizer, default_layer, facet_embeddings
 from zoo.progress import progress
@@ -79,18 +78,6 @@ def read_embedding_info(urls: Sequence[str]) -> dict[str, Any] | None:
             if found:
                 return found
     return None
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), mtime, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 class _Embedder:
@@ -210,8 +197,9 @@ def embed_text_shards(
                             key = str(raw["__key__"])
                             for ext, data_ in raw.items():
                                 if not ext.startswith("__") and field_of(ext) != field:
-                                    _add(tar, f"{key}.{ext}", data_, mtime)
-                            _add(tar, f"{key}.{field}.npy", _npy_bytes(emb), mtime)
+                                    add_member(tar, f"{key}.{ext}", data_, mtime)
+                            member, data_ = encode_field(field, emb)  # KEY.FIELD.npy
+                            add_member(tar, f"{key}.{member}", data_, mtime)
                         n += len(batch)
                         bar.update(len(batch))
                 os.replace(tmp, final)

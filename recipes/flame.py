@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import re
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -154,8 +155,6 @@ class Flame(Method):
 
         urls = [u for source in expand_sources(shards) for u in source]
         if builtin:
-            from pathlib import Path
-
             from zoo.engine.trainer import data_root
 
             key = json.dumps([self.lm_name, self.lm_card.get("weights_sha256"), self.captions, self.layer,
@@ -220,8 +219,6 @@ def ensure_lm(name: str) -> dict[str, Any]:
 def _lm_card(name: str) -> dict[str, Any]:
     """What the recipe needs of an LM without loading its weights: `hidden_size` (and `weights_sha256` for a zoo
     LM), from its card, a transformers folder's config or a Hub repo's."""
-    from pathlib import Path
-
     from zoo.hub import read_card, read_config
 
     if name.startswith("hf-hub:") or (Path(name).is_dir() and "arch" not in (read_config(Path(name)) or {})):

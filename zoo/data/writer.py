@@ -21,7 +21,8 @@ from zoo.progress import progress
 
 log = logging.getLogger(__name__)
 # -- writing -------------------------------------------------------------------------------------
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    """One member with plain USTAR metadata (integer mtime, mode 644)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = int(mtime)  # an integer: a float mtime makes tarfile add a PAX header per member
@@ -98,10 +99,10 @@ def write_shards(
                     continue
                 fmt = sample.get("__image_ext__", image_format)
                 ext, data = encode_field(field, value, image_format=fmt, quality=quality)
-                _add_member(tar, f"{key}.{ext}", data, mtime)
+                add_member(tar, f"{key}.{ext}", data, mtime)
                 fields_seen.add(field)
             for ext, data in (sample.get("__members__") or {}).items():
-                _add_member(tar, f"{key}.{ext}", data, mtime)
+                add_member(tar, f"{key}.{ext}", data, mtime)
                 fields_seen.add(field_of(ext))
             n_in_shard += 1
         close()

@@ -71,14 +71,6 @@ def is_lm(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.") and hasattr(model, "get_output_embeddings")
 
 
-def num_layers(lm: nn.Module) -> int:
-    return int(lm.config.num_hidden_layers)
-
-
-def hidden_size(lm: nn.Module) -> int:
-    return int(lm.config.hidden_size)
-
-
 # -- tokenizers -----------------------------------------------------------------------------------------
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     """A byte-level BPE tokenizer (`tokenizers`) trained on `texts`, as a transformers fast tokenizer with
@@ -192,6 +184,6 @@ def load_causal_lm(source: str | Path, *, revision: str | None = None, dtype: to
 for _arch, (_type, _args) in LM_ARCHS.items():
     MODELS.register(_arch, _lm_factory(_arch), family=_type, modality="text", defaults=dict(_args))
 
-__all__ = ["LM_ARCHS", "lm_config", "is_lm", "num_layers", "hidden_size", "train_tokenizer", "load_tokenizer",
+__all__ = ["LM_ARCHS", "lm_config", "is_lm", "train_tokenizer", "load_tokenizer",
            "save_lm_files", "load_frozen_lm", "LOADERS", "transformers_card", "default_dtype", "is_transformers_config", "load_causal_lm",
            "TOKENIZER_FILE"]
