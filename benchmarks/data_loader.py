@@ -3,7 +3,10 @@
 The same JPEG bytes (built-in `scenes`, written once as an ImageFolder tree and once as shards
 with the bytes passed through), the same transform, the same number of worker processes. The
 ceiling is the bare loop run in that many processes at once, measured (not one process times N):
-no loader, no batching, no IPC; it decodes as zoo's loader does, so a faster decoder lifts it too.
+no loader, no batching, no IPC; it decodes as zoo's loader does, so a faster decoder lifts it too,
+and runs the whole transform per image. zoo's row is the loader as users call it,
+`transform=SampleTransform(image=t)`, which runs t's dtype/normalise tail once per batch (same
+batches, tested); the row below it runs all of t per image, as ImageFolder does.
 Each loader is built once and iterated once per timed epoch (after a warm-up epoch), as a training loop
 does: zoo's workers persist across epochs; ImageFolder is timed with torch's default (workers started
 every epoch) and with persistent_workers=True. CPU µs/img adds up every process (main and workers):
@@ -31,6 +34,7 @@ from torchvision.transforms import v2
 from zoo.data import loader, write_shards
 from zoo.data.builtin import generate
 from zoo.data.fields import decode_field
+from zoo.data.transforms import SampleTransform
 from zoo.data.writer import folder_samples
 
 BARE_1 = "bare decode loop, 1 process"
@@ -38,6 +42,7 @@ CEILING = "bare decode loop, N processes"
 FOLDER = "torchvision ImageFolder + DataLoader"
 FOLDER_P = "  the same, persistent_workers=True"
 ZOO = "zoo.data.loader (webdataset shards)"
+ZOO_WHOLE = "  the same, whole transform per image"
 
 
 def make_transform(crop: int) -> v2.Compose:
@@ -62,7 +67,8 @@ def prepare(root: Path, n: int, size: int) -> tuple[Path, Path]:
 
 
 class _ImageLabel:
-    """The benchmark's transform applied to a zoo sample (a class, so spawned workers can pickle it)."""
+    """The benchmark's transform applied whole to a zoo sample: a plain callable, which the loader cannot
+    split, so dtype conversion and normalisation run per image as in the other loaders."""
 
     def __init__(self, transform):
         self.transform = transform
@@ -71,9 +77,12 @@ class _ImageLabel:
         return {"image": self.transform(sample["image"]), "label": sample["label"]}
 
 
-def zoo_loader(shards: Path, transform, batch: int, workers: int):
-    """Built once and iterated once per timed epoch, as a training loop does (its workers persist)."""
-    return loader(str(shards / "*.tar"), fields=("image", "label"), transform=_ImageLabel(transform),
+def zoo_loader(shards: Path, transform, batch: int, workers: int, whole: bool = False):
+    """Built once and iterated once per timed epoch, as a training loop does (its workers persist).
+    As users write it, `SampleTransform(image=t)`: the loader runs t's dtype/normalise tail once per
+    batch (the same batches, tested); `whole=True` runs all of t per image."""
+    t = _ImageLabel(transform) if whole else SampleTransform(image=transform)
+    return loader(str(shards / "*.tar"), fields=("image", "label"), transform=t,
                   batch_size=batch, num_workers=workers, shuffle=1000)
 
 
@@ -166,13 +175,15 @@ def main() -> None:
         folder_dl = imagefolder_loader(folder, transform, args.batch, args.workers)
         folder_p = imagefolder_loader(folder, transform, args.batch, args.workers, persistent=args.workers > 0)
         zoo_ld = zoo_loader(shards, transform, args.batch, args.workers)
-        epoch_imagefolder(folder_dl), epoch_imagefolder(folder_p), epoch_zoo(zoo_ld)
+        zoo_whole = zoo_loader(shards, transform, args.batch, args.workers, whole=True)
+        epoch_imagefolder(folder_dl), epoch_imagefolder(folder_p), epoch_zoo(zoo_ld), epoch_zoo(zoo_whole)
         runs = {
             BARE_1: lambda: bench_bare(folder, transform, 1),
             CEILING: lambda: bench_bare(folder, transform, args.workers),
             FOLDER: lambda: epoch_imagefolder(folder_dl),
             FOLDER_P: lambda: epoch_imagefolder(folder_p),
             ZOO: lambda: epoch_zoo(zoo_ld),
+            ZOO_WHOLE: lambda: epoch_zoo(zoo_whole),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}
         cpus: dict[str, list[float]] = {name: [] for name in runs}

@@ -115,6 +115,7 @@ def extract_features(
     `cache_dir`, results are stored under a key of (model, data, transform, variants)."""
     from zoo.data import loader
     from zoo.data.shards import expand_sources
+    from zoo.data.transforms import SampleTransform, split_batchable
 
     shard_urls = [u for s in expand_sources(urls) for u in s]
     if transform is None:
@@ -130,10 +131,13 @@ def extract_features(
         log.info("features from cache %s", path)
         return cached["features"], cached["labels"]
 
+    per_image, per_batch = split_batchable(transform)  # dtype/normalise once per batch: the same values
+
     def prepare(sample: dict[str, Any]) -> dict[str, Any]:
-        return {"image": transform(sample["image"]), "label": int(sample[label_field])}
+        return {"image": per_image(sample["image"]), "label": int(sample[label_field])}
 
     data = loader(shard_urls, fields=("image", label_field), transform=prepare, batch_size=batch_size,
+                  batch_transform=None if per_batch is None else SampleTransform(image=per_batch),
                   num_workers=num_workers, shuffle=0)
     was_training = model.training
     model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -301,3 +302,21 @@ def test_digits_nearest_neighbour_is_a_real_task():
     xva, yva = xy(samples("digits", 5000, split="val"))
     d2 = (xva**2).sum(1)[:, None] - 2 * xva @ xtr.T + (xtr**2).sum(1)[None]
     assert (ytr[d2.argmin(1)] == yva).mean() > 0.9
+
+
+def test_fractals_coarse_merges_fine_classes_and_keeps_them(tmp_path):
+    """LOOK's data: 4 super-classes of 5 unrelated fractal classes; the fine class rides along as `fine.cls`."""
+    from zoo.data import loader
+    from zoo.data.builtin import materialize
+
+    coarse, fine = samples("fractals_coarse", 60), samples("fractals", 60, num_classes=20)
+    assert [s["fine"] for s in coarse] == [s["label"] for s in fine]  # the same images, the fine labels kept
+    assert all(as_bytes(c)["image"] == as_bytes(f)["image"] for c, f in zip(coarse, fine))
+    assert [s["label"] for s in coarse] == [s["fine"] % 4 for s in coarse]
+    assert set(s["label"] for s in coarse) == {0, 1, 2, 3} and len({s["fine"] for s in coarse}) > 10
+    assert DATASETS.get("fractals_coarse").meta["num_classes"] == 4
+    assert encode_field("fine", 7) == ("fine.cls", b"7") and decode_field("fine", "fine.cls", b"7") == 7
+    pattern = materialize("fractals_coarse", "val", 24, root=tmp_path)
+    (batch,) = loader(pattern, fields=("label", "fine"), batch_size=24, shuffle=0)
+    assert batch["fine"].tolist() == [s["fine"] for s in generate("fractals_coarse", 24, split="val")]
+    assert torch.equal(batch["label"], batch["fine"] % 4)

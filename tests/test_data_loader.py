@@ -214,8 +214,8 @@ def test_transform_randomness_is_seeded_and_leaves_training_rng_alone(tmp_path):
     def noisy(s):
         return {"noise": torch.rand(1)}
 
-    def run():
-        ld = loader(str(tmp_path / "*.tar"), transform=noisy, batch_size=5, seed=9, num_workers=0)
+    def run(transform=noisy):
+        ld = loader(str(tmp_path / "*.tar"), transform=transform, batch_size=5, seed=9, num_workers=0)
         return torch.cat([b["noise"] for b in ld])
 
     torch.manual_seed(123)
@@ -224,6 +224,15 @@ def test_transform_randomness_is_seeded_and_leaves_training_rng_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), before), "the loader consumed the training RNG"
     assert torch.equal(run(), first)
     assert first.unique().numel() == 20
+    # numpy's and random's global streams too (timm's Mixup draws from numpy): seeded, and left alone
+    import random
+
+    np.random.seed(5), random.seed(5)
+    np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
+    draws = lambda s: {"noise": torch.tensor([np.random.rand(), random.random()])}  # noqa: E731
+    a = run(draws)
+    assert (np.random.get_state()[1] == np_before).all() and random.getstate() == py_before
+    assert torch.equal(run(draws), a) and a.unique().numel() == 40
 
 
 def _draws(s):
@@ -432,3 +441,57 @@ def test_data_spec_drop_last_reaches_the_trainer(tmp_path, keep_short):
     sizes = [m["n"] for m in res.metrics]
     assert sizes == ([4, 4, 2, 4] if keep_short else [4, 4, 4, 4])  # 10 samples an epoch, batch 4
     assert "dropped_by_collate" not in res.skipped  # a kept short batch is not a collate's drop
+
+
+# -- per-batch tail of the transform ---------------------------------------------------------------
+def _scene_shards(tmp_path, n=23):
+    from zoo.data.builtin import generate
+
+    samples = ({"__key__": f"{i:09d}", "image": s["image"], "label": s["label"]}
+               for i, s in enumerate(generate("scenes", n, size=24, seed=0)))
+    write_shards(samples, tmp_path, maxcount=6)
+    return str(tmp_path / "*.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sample_transform_tail_runs_per_batch_and_gives_the_same_batches(tmp_path, workers):
+    from torchvision.transforms import v2
+    from zoo.data.transforms import SampleTransform, train_transform
+
+    pattern = _scene_shards(tmp_path)
+    bench = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(16, scale=(0.35, 1.0), antialias=True),
+                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    zoo_t = train_transform({"input_size": (3, 16, 16), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)})
+    for t in (bench, zoo_t):
+        split = SampleTransform(image=t)
+        whole = lambda s, t=t: {**s, "image": t(s["image"])}  # noqa: E731  (a plain function: never split)
+        kw = dict(fields=("image", "label"), batch_size=5, num_workers=workers, seed=3)
+        a, b = list(loader(pattern, transform=split, **kw)), list(loader(pattern, transform=whole, **kw))
+        assert [len(x["label"]) for x in a] == [5, 5, 5, 5, 3]  # the leftover batch goes through the tail too
+        for x, y in zip(a, b):
+            assert type(x["image"]) is type(y["image"]) and x["image"].dtype == torch.float32
+            assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+
+
+def test_split_batchable_needs_a_tensor_head_and_a_batchable_tail():
+    from torchvision.transforms import v2
+    from zoo.data.transforms import SampleTransform, split_batchable
+
+    t = v2.Compose([v2.PILToTensor(), v2.CenterCrop(4), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.2] * 3)])
+    head, tail = split_batchable(t)
+    assert [type(o) for o in head.transforms] == [v2.PILToTensor, v2.CenterCrop]
+    assert [type(o) for o in tail.transforms] == [v2.ToDtype, v2.Normalize]
+    image = img(77, size=8)
+    assert head(image).dtype == torch.uint8
+    assert torch.equal(tail(torch.stack([head(image)] * 3))[1], t(image))
+    # nothing to split: no tensor conversion before the tail (PIL images would reach the collate),
+    # a random op last, or not a Compose
+    pil_only = v2.Compose([v2.CenterCrop(4), v2.ToDtype(torch.float32, scale=True)])
+    random_last = v2.Compose([v2.PILToTensor(), v2.RandomHorizontalFlip()])
+    for t in (pil_only, random_last, lambda x: x):
+        assert split_batchable(t) == (t, None)
+    s = SampleTransform(image=pil_only)
+    assert s.split() == (s, None)
+    with pytest.raises(DataError, match="batch_size"):
+        loader("x.tar", transform=s, batch_transform=lambda b: b, batch_size=None)

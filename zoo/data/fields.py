@@ -1,8 +1,9 @@
 """The one mapping between a webdataset sample's file extensions and zoo's field names.
 
 Reading: `jpg|jpeg|png|webp` (and `ppm|pgm|bmp|tif|tiff`, as torchvision's ImageFolder) -> `image`,
-`cls` -> `label`, `txt` -> `caption`, `json` -> `meta`, `seg.png` -> `mask`, `npy` -> `array`, and a named modality `NAME.png|jpg|npy|pth|txt` -> `NAME`
-(e.g. `thermal.png` -> `thermal`, a 1-channel image; `emb.pth` -> `emb`, read with `weights_only=True`). Writing uses the same table backwards, so shards we write read
+`cls` -> `label`, `txt` -> `caption`, `json` -> `meta`, `seg.png` -> `mask`, `npy` -> `array`, and a named modality `NAME.png|jpg|npy|pth|txt|cls` -> `NAME`
+(e.g. `thermal.png` -> `thermal`, a 1-channel image; `emb.pth` -> `emb`, read with `weights_only=True`; `fine.cls` -> `fine`,
+a second integer label such as a fine class beside a coarse `label`). Writing uses the same table backwards, so shards we write read
 back field for field (and plain webdataset / img2dataset / timm / open_clip tools read them).
 """
 
@@ -40,6 +41,8 @@ def ext_of(field: str, value: object = None) -> str:
         return WRITE_EXT[field]
     if isinstance(value, np.ndarray):
         return f"{field}.npy"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{field}.cls"  # another integer label (a fine class beside the coarse `label`)
     if _holds_torch(value):  # a tensor or a dict of them, without importing torch here
         return f"{field}.pth"
     if isinstance(value, dict):
@@ -107,13 +110,13 @@ def decode_field(field: str, ext: str, data: bytes):
     """The python value of one member: PIL image, int label, str, dict, or numpy array."""
     last = ext.rsplit(".", 1)[-1].lower()
     try:
-        if field == "label":
+        if field == "label" or last == "cls":
             return int(data.decode("ascii").strip())
         if field == "mask":
             return np.array(_image(data, None, last))
         if last in IMAGE_EXTS:
             return _image(data, "RGB" if field == "image" else None, last)
-        if last in ("txt", "cls"):
+        if last == "txt":
             return data.decode("utf-8")
         if last == "json":
             return json.loads(data.decode("utf-8"))
@@ -124,7 +127,7 @@ def decode_field(field: str, ext: str, data: bytes):
 
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (UnicodeDecodeError, ValueError) as e:
-        reason = {"label": "bad_label", "caption": "bad_text", "meta": "bad_json"}.get(field, f"bad_{field}")
+        reason = "bad_label" if last == "cls" else {"caption": "bad_text", "meta": "bad_json"}.get(field, f"bad_{field}")
         raise FieldError(reason, str(e)[:120]) from None
     except Exception as e:  # PIL (and torch.load) raise many types on garbage or unsafe bytes
         reason = "undecodable_image" if field == "image" else f"undecodable_{field}"
@@ -139,7 +142,7 @@ def encode_field(field: str, value, *, image_format: str = "jpg", quality: int =
         ext = image_format
     if isinstance(value, bytes):
         return ext, value
-    if field == "label":
+    if field == "label" or ext.endswith(".cls"):
         return ext, str(int(value)).encode()
     if isinstance(value, str):
         return ext, value.encode("utf-8")

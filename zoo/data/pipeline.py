@@ -92,6 +92,7 @@ class ShardStream(IterableDataset):
         rank: int,
         world_size: int,
         offsets: dict[str, int] | None = None,
+        batch_transform: Callable[[Any], Any] | None = None,
     ):
         self.sources = sources
         self.shards = [u for s in sources for u in s]
@@ -100,6 +101,7 @@ class ShardStream(IterableDataset):
         self.transform = transform
         self.batch_size = batch_size
         self.collate = collate
+        self.batch_transform = batch_transform
         self.drop_last = drop_last
         self.resampled = resampled
         self.epoch_samples = epoch_samples
@@ -223,12 +225,14 @@ class ShardStream(IterableDataset):
 
     def _collate(self, batch: list[Any]) -> Any:
         if self.collate is not None:
-            return self.collate(batch)
-        try:
-            return default_collate(batch)
-        except RuntimeError:
-            _raise_on_mixed_sizes(batch)
-            raise
+            out = self.collate(batch)
+        else:
+            try:
+                out = default_collate(batch)
+            except RuntimeError:
+                _raise_on_mixed_sizes(batch)
+                raise
+        return out if self.batch_transform is None else self.batch_transform(out)
 
 
 def _images_as_tensors(sample: dict[str, Any]) -> dict[str, Any]:
@@ -291,26 +295,28 @@ def _shuffled(samples: Iterator[Any], bufsize: int, rng: random.Random) -> Itera
 
 @contextmanager
 def _torch_rng(seed: int, in_worker: bool):
-    """Seed torch's RNG for transforms. In a worker process torch's RNG is ours alone; in the main
-    process the stream is swapped in around each transform so training randomness is untouched."""
+    """Seed the RNGs transforms draw from (torch, numpy, random). In a worker process they are ours alone;
+    in the main process our streams are swapped in around each transform so training randomness is untouched."""
     if in_worker:  # every generator a transform may draw from, anew each epoch (workers persist across epochs)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         yield None  # nothing to swap per sample
         return
-    state = torch.Generator().manual_seed(seed).get_state()
+    # torch, numpy and random streams of their own (timm's Mixup draws from numpy), seeded as a worker's
+    state = (torch.Generator().manual_seed(seed).get_state(), np.random.RandomState(seed % 2**32).get_state(),
+             random.Random(seed).getstate())
 
     @contextmanager
     def swapped():
         nonlocal state
-        outer = torch.get_rng_state()
-        torch.set_rng_state(state)
+        outer = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        torch.set_rng_state(state[0]), np.random.set_state(state[1]), random.setstate(state[2])
         try:
             yield
         finally:
-            state = torch.get_rng_state()
-            torch.set_rng_state(outer)
+            state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+            torch.set_rng_state(outer[0]), np.random.set_state(outer[1]), random.setstate(outer[2])
 
     yield swapped
 
@@ -413,6 +419,7 @@ def loader(
     transform: Callable[[dict[str, Any]], Any] | None = None,
     batch_size: int | None = 64,
     collate: Callable[[list[Any]], Any] | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
     drop_last: bool = False,
     num_workers: int = 0,
     resampled: bool = False,
@@ -430,7 +437,10 @@ def loader(
     source, in resampled mode). `fields`: required fields (samples lacking one are skipped and
     counted); `optional_fields`: decoded when present (None: all). `transform(sample_dict)` runs in
     the workers; without a transform (and collate), batched images become uint8 C×H×W tensors and
-    other fields collate as decoded (labels to a tensor, captions to a list). Batches span the
+    other fields collate as decoded (labels to a tensor, captions to a list). `batch_transform(batch)`
+    runs in the workers on each collated batch; a `SampleTransform` of v2.Compose transforms is split
+    so that their dtype/normalise tail runs there, once per batch, on uint8 images (the same values,
+    less work and a quarter of the bytes between processes). Batches span the
     workers: per epoch and rank at most one batch is short, the last, dropped with `drop_last`.
     `shuffle`: shuffle-buffer size, and shard-order shuffling, 0 for neither.
     `resampled=True` draws shards with replacement forever; `epoch_samples` then sets the virtual
@@ -438,7 +448,14 @@ def loader(
     position in the dataset (shard offset + position in the shard: the same in every epoch, on every
     rank, whatever the shuffle); it needs per-shard counts (sizes.json, _info.json or *_stats.json).
     """
+    if batch_transform is not None and batch_size is None:
+        raise DataError("batch_transform runs on collated batches: give a batch_size, or fold it into transform")
     sources = expand_sources(urls)
+    if batch_transform is None and collate is None and batch_size is not None:
+        from zoo.data.transforms import SampleTransform
+
+        if isinstance(transform, SampleTransform):
+            transform, batch_transform = transform.split()
     if isinstance(weights, str):
         weights = [float(w) for w in weights.split("::")]
     if weights is not None:
@@ -486,6 +503,7 @@ def loader(
         rank=rank,
         world_size=world_size,
         offsets=offsets,
+        batch_transform=batch_transform,
     )
     return Loader(stream, num_workers, None if sizes is None else sum(sizes))
 

@@ -4,7 +4,8 @@
     t = train_transform(model, scale=(0.2, 1.0))    # random resized crop, flip, optional jitter
     views = MultiCrop(model, n_local=6)(image)      # DINO: 2 global + 6 local views
     out = PairedTransform(model)(sample)            # image + mask (+ thermal, depth) cropped together
-    loader(..., transform=SampleTransform(image=t)) # per-field transforms on sample dicts
+    loader(..., transform=SampleTransform(image=t)) # per-field transforms on sample dicts; the loader
+                                                    # runs t's dtype/normalise tail once per batch
 
 Everything random draws from torch's global RNG (torchvision v2 does), which the loader seeds per
 worker, so `torch.manual_seed(s)` fixes every view.
@@ -503,6 +504,31 @@ def choose_caption(
     return chosen, text
 
 
+# -- per-batch work ------------------------------------------------------------------------------
+# Elementwise ops without randomness: on a collated B×C×H×W batch they give the values they give on
+# each image, so the loader runs them once per batch (timm's fast-collate idea).
+_BATCHABLE = (v2.ToDtype, v2.ConvertImageDtype, v2.Normalize, v2.ToPureTensor)
+_TO_TENSOR = (v2.PILToTensor, v2.ToImage)
+
+
+def split_batchable(transform: Callable[[Any], Any]) -> tuple[Callable[[Any], Any], v2.Compose | None]:
+    """(per-image part, per-batch part) of a v2.Compose whose tail converts dtype and normalises.
+
+    The head ends on a uint8 tensor (it must hold a PILToTensor/ToImage), so batches collate and
+    cross processes at a quarter of float32's bytes; the tail then runs once per batch, and the
+    batch equals the one the whole transform per image gives. (transform, None) when nothing splits.
+    """
+    if not isinstance(transform, v2.Compose):
+        return transform, None
+    ops = list(transform.transforms)
+    cut = len(ops)
+    while cut and type(ops[cut - 1]) in _BATCHABLE:
+        cut -= 1
+    if cut == len(ops) or not any(isinstance(op, _TO_TENSOR) for op in ops[:cut]):
+        return transform, None
+    return v2.Compose(ops[:cut]), v2.Compose(ops[cut:])
+
+
 # -- sample glue ---------------------------------------------------------------------------------
 class SampleTransform:
     """Apply a transform to some fields of a sample dict; every other field passes through.
@@ -521,6 +547,15 @@ class SampleTransform:
                 out[name] = transform(out[name])
         return out
 
+    def split(self) -> tuple["SampleTransform", "SampleTransform | None"]:
+        """(per-sample, per-batch) SampleTransforms: each field's `split_batchable` parts. The per-batch
+        one applies to a collated batch dict; None when no field's transform splits."""
+        parts = {name: split_batchable(t) for name, t in self.fields.items()}
+        tails = {name: tail for name, (_, tail) in parts.items() if tail is not None}
+        if not tails:
+            return self, None
+        return SampleTransform(**{name: head for name, (head, _) in parts.items()}), SampleTransform(**tails)
+
     def __repr__(self) -> str:
         return f"SampleTransform({', '.join(f'{k}={t!r}' for k, t in self.fields.items())})"
 
@@ -535,6 +570,7 @@ __all__ = [
     "choose_caption",
     "named_captions",
     "SampleTransform",
+    "split_batchable",
     "SampleError",
     "INTERPOLATIONS",
 ]

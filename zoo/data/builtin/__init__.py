@@ -10,6 +10,7 @@ deterministic from a seed.
 | `fractals` | `num_classes` IFS (10) | image, label, meta                                       |
 | `scenes`   | 6 shape types          | image, label, caption, meta, mask, thermal, depth        |
 | `digits`   | 10 digits (real data)  | image, label, meta (split sizes: 1438 train / 359 val)   |
+| `fractals_coarse` | 4 super-classes of 5 fractal classes each | image, label (coarse), fine, meta |
 
 A sample is a dict of decoded values under zoo field names (`zoo.data.fields`): `__key__` is the
 sample index as 9 digits, `image` an RGB PIL image of `size` x `size`, `label` an int, `meta` a
@@ -45,6 +46,12 @@ DATASETS.register(
     version=2,  # 2: a long caption in meta["captions"]; materialized folders carry the version
     description="1-3 coloured shapes on textured backgrounds; label = shape of the largest; mask, exact/short/noisy/"
                 "long captions with quality scores, thermal-like and depth-like renderings of the same scene",
+)
+DATASETS.register(
+    "fractals_coarse", fractals.generate_coarse, num_classes=fractals.COARSE_CLASSES, fields=fractals.COARSE_FIELDS,
+    fine_classes=fractals.COARSE_FINE,
+    description="20 fractal classes labelled by 4 super-classes (fine % 4), so a class is multi-modal by "
+                "construction; the fine class in `fine` (LOOK's experiment: transfer to classes not trained on)",
 )
 DATASETS.register(
     "digits", digits.generate, num_classes=digits.NUM_CLASSES, classes=tuple(str(d) for d in range(10)),

@@ -213,6 +213,21 @@ def render(ifs: IFS, rng: np.random.Generator, size: int) -> tuple[np.ndarray, n
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), alpha
 
 
+COARSE_FINE = 20  # fractals_coarse: 20 IFS classes ...
+COARSE_CLASSES = 4  # ... labelled by 4 super-classes: fine class c belongs to super-class c % 4
+COARSE_FIELDS = ("image", "label", "fine", "meta")
+
+
+def generate_coarse(n: int, *, seed: int = 0, size: int = 32, split: str = "train",
+                    start: int = 0) -> Iterator[dict[str, Any]]:
+    """`fractals` with 20 classes whose `label` is a super-class (fine % 4): each super-class is 5 unrelated
+    attractors, multi-modal by construction; `fine` keeps the fine class for transfer evaluation."""
+    for s in generate(n, seed=seed, size=size, split=split, num_classes=COARSE_FINE, start=start):
+        fine = s["label"]
+        yield {**s, "label": fine % COARSE_CLASSES, "fine": fine,
+               "meta": {"class": fine % COARSE_CLASSES, "fine": fine, "dataset": "fractals_coarse"}}
+
+
 def sample(i: int, *, seed: int = 0, size: int = 32, split: str = "train",
            num_classes: int = NUM_CLASSES) -> dict[str, Any]:
     """Sample `i` of a split; its class and its look both come from (seed, split, i) alone."""
