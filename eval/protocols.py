@@ -33,12 +33,14 @@ def evaluate(
     linear_variants: Sequence[str] | None = None,
     epochs: int = 30,
     cache_dir: str | Path | None = None,
+    label_field: str = "label",
     desc: str = "features",
 ) -> dict[str, float]:
     """kNN top-1 (k, temperature: DINO's weighted vote on the class token; with several k, `knn_top1` is
     the first's and each other k gives `knn_top1_k{k}`) and the linear probe's val top-1 over `linear_variants`
     (default: class token, and class token + mean patch token; POA adds `spaced4`, the class tokens of 4
-    evenly spaced blocks), the variant and strength selected on held-out train, in %."""
+    evenly spaced blocks), the variant and strength selected on held-out train, in %. `label_field`: the
+    integer field to classify (e.g. `fine`, a coarse dataset's fine classes)."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ZooError(f"unknown eval protocol {unknown[0]!r}; valid: {', '.join(PROTOCOLS)}")
@@ -48,7 +50,7 @@ def evaluate(
     has_tokens = bool(getattr(model, "num_prefix_tokens", 0))
     probe = tuple(linear_variants) if linear_variants else ("cls", "cls+avg") if has_tokens else ("cls",)
     variants = tuple(dict.fromkeys(("cls",) + (probe if "linear" in protocols else ())))
-    kw = dict(variants=variants, batch_size=256, cache_dir=cache_dir)
+    kw = dict(variants=variants, batch_size=256, cache_dir=cache_dir, label_field=label_field)
     xtr, ytr = extract_features(model, train, desc=f"{desc} (train)", **kw)
     xva, yva = extract_features(model, val, desc=f"{desc} (val)", **kw)
     out: dict[str, float] = {}

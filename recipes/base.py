@@ -103,6 +103,10 @@ class Method(nn.Module):
         evaluated before every step into `self.scheduled[name]`; the recipe's `schedules:` overrides them."""
         return {}
 
+    def on_data(self, samples: int | None) -> None:
+        """The training set's sample count (None when unknown), once the data is found and before a resume
+        loads state: size what is kept per sample (a memory bank indexed by `__index__`)."""
+
     def before_optimizer_step(self, progress: Progress) -> None:
         """After backward and gradient clipping, before the optimizer step (e.g. cancel some gradients)."""
 

@@ -24,8 +24,9 @@ from zoo.engine.contract import Export
 from zoo.engine.trainer import build_method, pretrain
 from zoo.registry import RECIPES
 
-# Tiny steps on tiny built-in data: a few seconds per recipe. Only run-length keys, the same for all.
-SMOKE = ["schedule.steps=8", "schedule.warmup_steps=2", "optim.lr=1e-3", "data.batch_size=8", "data.builtin_n=32",
+# Tiny steps on tiny built-in data: a few seconds per recipe. Only run-length keys, the same for all
+# (64 samples: more than LOOK's k = 50 neighbours, which must be fewer than its memory bank).
+SMOKE = ["schedule.steps=8", "schedule.warmup_steps=2", "optim.lr=1e-3", "data.batch_size=8", "data.builtin_n=64",
          "data.num_workers=0", "eval.final=[]", "eval.every=0", "output.log_every=1", "output.checkpoint_every=4",
          "output.plots=false", "output.tensorboard=false"]
 METHODS = [e.name for e in RECIPES]

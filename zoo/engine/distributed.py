@@ -75,6 +75,54 @@ def load_full_state(method: nn.Module, opt: torch.optim.Optimizer, model: dict, 
     set_optimizer_state_dict(method, opt, optim, options=options)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward sums every rank's gradient for this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss may read every rank's rows
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+class _SumWithGrad(torch.autograd.Function):
+    """The sum over ranks; the backward sums the ranks' gradients (every rank's output read every input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (equal shapes) concatenated in rank order, differentiable: a loss on any rank reaches
+    the rows' own rank (gloo and nccl alike). `x` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over ranks, differentiable (partial sums of a sharded memory bank); `x` alone without one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _SumWithGrad.apply(x)
+
+
 def gather_objects(obj: Any, world: int) -> list[Any]:
     """`obj` from every rank, in rank order (a list of one without a process group)."""
     if world <= 1:

@@ -181,6 +181,7 @@ class Trainer:
                 torch.distributed.broadcast(t.data, src=0)
             torch.manual_seed(cfg.seed + self.rank)  # each rank its own masking/augmentation stream
         self.loader, self.size = self._make_loader()
+        method.on_data(self.loader.size)  # before the resume: state kept per sample gets its shape
         batches = len(self.loader) if self.size is not None or cfg.data.resampled else 0
         if not batches:
             raise ZooError(f"{self.data_source} holds fewer samples than one batch of {cfg.data.batch_size}")
@@ -518,6 +519,7 @@ class Trainer:
         """A plain copy of the method on rank 0, refreshed from the FSDP shards for evals, plots and export."""
         with torch.random.fork_rng(devices=[]):  # building draws random init: keep the training streams untouched
             copy = build_method(self.cfg).to(self.device)
+            copy.on_data(self.loader.size)
         copy.requires_grad_(False)
         return copy
 

@@ -11,6 +11,7 @@ deterministic from a seed.
 | `scenes`   | 6 shape types          | image, label, caption, meta, mask, thermal, depth        |
 | `digits`   | 10 digits (real data)  | image, label, meta (split sizes: 1438 train / 359 val)   |
 | `fractals_coarse` | 4 super-classes of 5 fractal classes each | image, label (coarse), fine, meta |
+| `digits_coarse` | 5 super-classes of 2 digits each (d % 5) | image, label (coarse), fine, meta |
 
 A sample is a dict of decoded values under zoo field names (`zoo.data.fields`): `__key__` is the
 sample index as 9 digits, `image` an RGB PIL image of `size` x `size`, `label` an int, `meta` a
@@ -52,6 +53,12 @@ DATASETS.register(
     fine_classes=fractals.COARSE_FINE,
     description="20 fractal classes labelled by 4 super-classes (fine % 4), so a class is multi-modal by "
                 "construction; the fine class in `fine` (LOOK's experiment: transfer to classes not trained on)",
+)
+DATASETS.register(
+    "digits_coarse", digits.generate_coarse, num_classes=digits.COARSE_CLASSES, fields=digits.COARSE_FIELDS,
+    fine_classes=digits.NUM_CLASSES, max_samples=dict(digits.SPLIT_SIZES),
+    description="the real digits labelled by 5 super-classes of two unrelated digits (d % 5: {0, 5}, {1, 6}, ...), "
+                "so a class is multi-modal; the digit in `fine` (LOOK's experiment)",
 )
 DATASETS.register(
     "digits", digits.generate, num_classes=digits.NUM_CLASSES, classes=tuple(str(d) for d in range(10)),

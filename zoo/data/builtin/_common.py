@@ -13,6 +13,8 @@ same length because numpy's SeedSequence treats `[a, b]` and `[a, b, 0]` as the 
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import numpy as np
 
 from zoo.errors import UnknownNameError
@@ -59,3 +61,12 @@ def sample_rng(seed: int, tag: int, split: int, i: int) -> np.random.Generator:
 def key(i: int) -> str:
     """The webdataset key of sample `i`: 9 digits, zero-padded (img2dataset's convention)."""
     return f"{int(i):09d}"
+
+
+def coarse_labels(samples: Iterator[dict[str, Any]], n_coarse: int, dataset: str) -> Iterator[dict[str, Any]]:
+    """Relabel by super-class: `label` becomes fine % n_coarse (unrelated fine classes merged, so a class is
+    multi-modal by construction) and `fine` keeps the fine class, for transfer to classes not trained on."""
+    for s in samples:
+        fine = s["label"]
+        yield {**s, "label": fine % n_coarse, "fine": fine,
+               "meta": {**s.get("meta", {}), "fine": fine, "coarse": fine % n_coarse, "dataset": dataset}}

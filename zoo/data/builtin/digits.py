@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from zoo.data.builtin._common import check_args, key
+from zoo.data.builtin._common import check_args, coarse_labels, key
 
 TAG = 3
 NUM_CLASSES = 10
@@ -24,6 +24,8 @@ FIELDS = ("image", "label", "meta")
 SPLIT_SEED = 20240607
 VAL_FRACTION = 0.2
 SPLIT_SIZES = {"train": 1438, "val": 359}  # checked against the data on first use
+COARSE_CLASSES = 5  # digits_coarse: digit d belongs to super-class d % 5 ({0, 5}, {1, 6}, ...)
+COARSE_FIELDS = ("image", "label", "fine", "meta")
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,3 +84,9 @@ def generate(n: int, *, seed: int = 0, size: int = 32, split: str = "train",
                    "meta": {"source_index": src}}
 
     return it()
+
+
+def generate_coarse(n: int, *, seed: int = 0, size: int = 32, split: str = "train",
+                    start: int = 0) -> Iterator[dict[str, Any]]:
+    """`digits` labelled by 5 super-classes of two unrelated digits each (d % 5); `fine` keeps the digit."""
+    return coarse_labels(generate(n, seed=seed, size=size, split=split, start=start), COARSE_CLASSES, "digits_coarse")

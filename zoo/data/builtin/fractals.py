@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from zoo.data.builtin._common import check_args, class_rng, key, sample_rng
+from zoo.data.builtin._common import check_args, class_rng, coarse_labels, key, sample_rng
 
 TAG = 1
 NUM_CLASSES = 10
@@ -222,10 +222,8 @@ def generate_coarse(n: int, *, seed: int = 0, size: int = 32, split: str = "trai
                     start: int = 0) -> Iterator[dict[str, Any]]:
     """`fractals` with 20 classes whose `label` is a super-class (fine % 4): each super-class is 5 unrelated
     attractors, multi-modal by construction; `fine` keeps the fine class for transfer evaluation."""
-    for s in generate(n, seed=seed, size=size, split=split, num_classes=COARSE_FINE, start=start):
-        fine = s["label"]
-        yield {**s, "label": fine % COARSE_CLASSES, "fine": fine,
-               "meta": {"class": fine % COARSE_CLASSES, "fine": fine, "dataset": "fractals_coarse"}}
+    fine = generate(n, seed=seed, size=size, split=split, num_classes=COARSE_FINE, start=start)
+    return coarse_labels(fine, COARSE_CLASSES, "fractals_coarse")
 
 
 def sample(i: int, *, seed: int = 0, size: int = 32, split: str = "train",
