@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import zoo
 from zoo.data.pipeline import dist_info
 from zoo.data.transforms import train_transform
+from zoo.engine.distributed import all_gather
 from zoo.errors import ConfigError, SampleError, UnknownNameError
 from zoo.models.flame import CACHE_LAYOUT, PROMPTS
 from zoo.recipes.base import DataSpec, Method, Progress, recipes_publishing
@@ -64,12 +65,8 @@ def multi_positive_sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
 def gather_texts(text_emb: torch.Tensor, positives: int) -> tuple[torch.Tensor, int]:
     """All ranks' text rows (they are constants: no gradient to route) and this rank's first image's index.
     FLAME exchanges them in a ring; gathering computes the same sums."""
-    rank, world = dist_info()
-    if world == 1:
-        return text_emb, 0
-    parts = [torch.empty_like(text_emb) for _ in range(world)]
-    torch.distributed.all_gather(parts, text_emb.contiguous())
-    return torch.cat(parts), rank * (text_emb.shape[0] // positives)  # equal batches: drop_last
+    rank, _ = dist_info()
+    return all_gather(text_emb), rank * (text_emb.shape[0] // positives)  # equal batches: drop_last
 
 
 # -- data ----------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.engine.distributed import all_gather_with_grad, all_reduce_with_grad
+from zoo.data.pipeline import dist_info
+from zoo.engine.distributed import all_gather, all_gather_with_grad, all_reduce_with_grad
 from zoo.engine.ema import ema_copy, ema_update
 from zoo.errors import ConfigError
 from zoo.recipes.base import DataSpec, Progress
@@ -96,26 +97,16 @@ def class_votes(scores: torch.Tensor, bank_labels: torch.Tensor, num_classes: in
 
 
 # -- the memory bank ---------------------------------------------------------------------------------
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` in rank order, without gradient."""
-    rank, world = _dist()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 def free_memory(device: torch.device) -> int:
     """Bytes free on `device`: the GPU's free memory, or the machine's available RAM."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what can be had without swapping, page cache included
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not POSIX: assume it fits
@@ -163,7 +154,7 @@ class LOOK(LabelledPretraining):
         if self.k >= samples:
             raise ConfigError(f"look: k={self.k} must be smaller than the memory bank ({samples} samples, one entry "
                               f"each, the anchor's own left out); lower method.k")
-        rank, world = _dist()
+        rank, world = dist_info()
         shards = world if self.bank_shard else 1
         rows = -(-samples // shards)
         device = self.bank.device
@@ -188,7 +179,7 @@ class LOOK(LabelledPretraining):
     def update_bank(self, index: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Write every rank's batch into the bank rows this rank holds: v <- normalize(m v + (1 - m) z) where the
         entry was filled, z where it was not (`features` L2-normalised, one row per sample)."""
-        index, features, labels = _gather(index), _gather(features.contiguous()), _gather(labels)
+        index, features, labels = all_gather(index), all_gather(features.contiguous()), all_gather(labels)
         mine = (index % self.shards) == self.shard
         rows = index[mine] // self.shards
         z, y = features[mine].to(self.bank.dtype), labels[mine]
@@ -209,11 +200,11 @@ class LOOK(LabelledPretraining):
             p, has = loo_knn_vote(scores, bank_labels, labels, self.k, self.temperature)
             return p, has, class_votes(scores.detach(), bank_labels, self.num_classes, self.k, self.temperature)
         # sharded: every rank scores every rank's anchors against its own rows; the top-k is agreed over ranks
-        rank, world = _dist()
-        every_z, every_label, every_index = all_gather_with_grad(z), _gather(labels), _gather(index)
+        rank, world = dist_info()
+        every_z, every_label, every_index = all_gather_with_grad(z), all_gather(labels), all_gather(index)
         scores = neighbour_scores(every_z, self.bank, ids, bank_labels, every_index)
         local_top = scores.detach().topk(min(self.k, scores.shape[1]), dim=1).values
-        top = _gather(local_top.T.contiguous()).T.topk(self.k, dim=1).values  # (B_all, k) over all shards
+        top = all_gather(local_top.T.contiguous()).T.topk(self.k, dim=1).values  # (B_all, k) over all shards
         p, has = loo_knn_vote(scores, bank_labels, every_label, self.k, self.temperature, kth=top[:, -1],
                               shift=top[:, 0], reduce=all_reduce_with_grad)
         mine = slice(rank * len(z), (rank + 1) * len(z))
@@ -252,16 +243,19 @@ class LOOK(LabelledPretraining):
             ema_update(self.key_encoder, nn.ModuleDict({"encoder": self.encoder, "head": self.head}),
                        self.momentum_encoder)
 
+    def view_transforms(self) -> list[Any]:
+        """`views` crops, then `n_local_crops` small ones (DINO's multi-crop, crops and flips only)."""
+        if not self.n_local:
+            return super().view_transforms()
+        from zoo.data.transforms import MultiCrop
+
+        return MultiCrop(self.encoder, n_global=self.views, n_local=self.n_local, global_scale=self.crop_scale,
+                         local_scale=self.local_scale, color_jitter=0, grayscale=0, blur=(0, 0, 0),
+                         solarize=(0, 0, 0)).views
+
     def data_spec(self) -> DataSpec:
         spec = super().data_spec()
-        if self.n_local:
-            from zoo.data.transforms import MultiCrop
-
-            crops = MultiCrop(self.encoder, n_global=self.views, n_local=self.n_local, global_scale=self.crop_scale,
-                              local_scale=self.local_scale, color_jitter=0, grayscale=0, blur=(0, 0, 0),
-                              solarize=(0, 0, 0))
-            spec.transform.views = crops.views
-        spec.index = True
+        spec.index = True  # the bank is keyed by each sample's stable index
         return spec
 
     def export(self, name: str) -> dict[str, Any]:

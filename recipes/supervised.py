@@ -27,7 +27,8 @@ from torch.utils.data import default_collate
 
 import zoo
 from zoo.data.transforms import train_transform
-from zoo.engine.distributed import all_gather_with_grad
+from zoo.data.pipeline import dist_info
+from zoo.engine.distributed import all_gather, all_gather_with_grad
 from zoo.errors import ConfigError, SampleError
 from zoo.recipes.base import DataSpec, Export, Method, check_vit_overrides
 from zoo.registry import MODELS, RECIPES
@@ -131,10 +132,13 @@ class LabelledPretraining(Method):
         self.arch, self.num_classes, self.views = arch, num_classes, views
         self.crop_scale = tuple(crop_scale)
 
+    def view_transforms(self) -> list[Any]:
+        """One transform per view: `views` random resized crops (+ flips) of the model's input size."""
+        return [train_transform(self.encoder.pretrained_cfg, scale=self.crop_scale)] * self.views
+
     def data_spec(self) -> DataSpec:
-        crop = train_transform(self.encoder.pretrained_cfg, scale=self.crop_scale)
         return DataSpec(fields=("image",), optional_fields=("label",),
-                        transform=LabelledViews([crop] * self.views, self.num_classes))
+                        transform=LabelledViews(self.view_transforms(), self.num_classes))
 
     def images(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's views stacked view-major: (views x B, C, H, W)."""
@@ -209,10 +213,9 @@ class SupCon(LabelledPretraining):
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         z = F.normalize(self.head(self.encoder(self.images(batch))), dim=-1)
         labels = batch["label"].repeat(self.views)
-        every_z = all_gather_with_grad(z)
-        every_label = all_gather_with_grad(labels) if every_z is not z else labels
-        offset = (torch.distributed.get_rank() * len(z)) if every_z is not z else 0
-        loss = supcon_loss(z, labels, every_z, every_label, offset, self.temperature, self.base_temperature)
+        rank, _ = dist_info()
+        every_z, every_label = all_gather_with_grad(z), all_gather(labels)  # this rank's anchors vs every view
+        loss = supcon_loss(z, labels, every_z, every_label, rank * len(z), self.temperature, self.base_temperature)
         return {"loss": loss}
 
 

@@ -108,6 +108,16 @@ class _SumWithGrad(torch.autograd.Function):
         return grad
 
 
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (equal shapes) concatenated in rank order, as constants (no gradient); `x` alone
+    without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's `x` (equal shapes) concatenated in rank order, differentiable: a loss on any rank reaches
     the rows' own rank (gloo and nccl alike). `x` itself without a process group."""
