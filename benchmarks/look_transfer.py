@@ -38,8 +38,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, help="override the recipes' schedule.steps")
     p.add_argument("--scenes", type=int, default=2000, help="scenes train images (val: a quarter)")
+    p.add_argument("--methods", nargs="*", default=list(METHODS.values()), choices=list(METHODS.values()),
+                   help="the recipes to run as shipped (default: all three)")
     p.add_argument("--look", nargs="*", default=["k=200", "momentum_encoder=0.99"],
-                   help="extra LOOK rows, each a method option changed (KEY=VALUE)")
+                   help="extra LOOK rows, each one recipe value changed: a method option (k=200) or a dotted "
+                        "key (schedule.steps=1200)")
     p.add_argument("--out", default="runs/look_transfer")
     args = p.parse_args()
 
@@ -54,7 +57,7 @@ def main() -> None:
     data = {t: (materialize(name, "train", args.scenes if name == "scenes" else 1438, root=root),
                 materialize(name, "val", args.scenes // 4 if name == "scenes" else 359, root=root))
             for t, (name, _) in TASKS.items()}
-    runs = [(label, method, None) for label, method in METHODS.items()]
+    runs = [(label, method, None) for label, method in METHODS.items() if method in args.methods]
     runs += [(f"LOOK ({option})", "look", option) for option in args.look]
     rows: dict[str, dict[int, dict[str, float]]] = {name: {} for name in ("random init", *(r[0] for r in runs))}
     upstream: dict[str, dict[int, float]] = {r[0]: {} for r in runs}
@@ -75,7 +78,8 @@ def main() -> None:
             name = f"vit_nano_patch4_32.{tag}_digits_coarse_s{seed}"
             t0 = time.perf_counter()
             res = zoo.pretrain(f"{method}_vit_nano_patch4_32_digits_coarse", run_dir=out / f"{tag}_s{seed}",
-                               overrides=[f"method.{option}"] if option else [], overwrite=True, seed=seed,
+                               overrides=[option if "." in option.split("=")[0] else f"method.{option}"] if option else [],
+                               overwrite=True, seed=seed,
                                publish=name, eval__final=[], **({"steps": args.steps} if args.steps else {}))
             seconds[label].append(time.perf_counter() - t0)
             train_acc = [m["acc"] for m in res.metrics if "acc" in m][-5:]  # the step's own accuracy (LOOK: its kNN vote)

@@ -221,3 +221,37 @@ def test_bank_indices_stay_aligned_across_two_gloo_ranks(tmp_path):
     for r in (0, 1):
         assert torch.allclose(results[r]["pTrue"], results[r]["pFalse"], atol=1e-6)
         assert torch.allclose(results[r]["gradTrue"], results[r]["gradFalse"], atol=1e-5)
+
+
+def test_a_checkpoint_loads_into_a_fresh_method_and_a_bank_of_other_data_is_refused():
+    look = LOOK(num_classes=2, k=2, head_dim=4, **ARCH)
+    look.on_data(10)
+    look.update_bank(torch.tensor([1, 4]), unit(2, 4), torch.tensor([0, 1]))
+    fresh = LOOK(num_classes=2, k=2, head_dim=4, **ARCH)  # built to read it: no on_data
+    fresh.load_state_dict(look.state_dict())
+    assert torch.equal(fresh.bank, look.bank) and torch.equal(fresh.bank_labels, look.bank_labels)
+    other = LOOK(num_classes=2, k=2, head_dim=4, **ARCH)
+    other.on_data(12)
+    with pytest.raises(ConfigError, match="memory bank holds 10 rows of 4, this run's 12"):
+        other.load_state_dict(look.state_dict())
+
+
+def test_cross_entropy_learns_a_fixed_batch():
+    """The registry test's 8 fresh batches of 8 are too few for a ViT trained from scratch by cross-entropy to
+    show it learns (its loss moves by noise); on one batch it must fit."""
+    from zoo.data.builtin import generate
+    from zoo.data.transforms import eval_transform
+
+    torch.manual_seed(0)
+    ce = Supervised(num_classes=5, arch="vit_nano_patch4_32")
+    t = eval_transform(ce.encoder.pretrained_cfg)
+    samples = list(generate("digits_coarse", 16))
+    batch = {"image": torch.stack([t(s["image"]) for s in samples]), "label": torch.tensor([s["label"] for s in samples])}
+    opt = torch.optim.AdamW(ce.parameters(), lr=1e-3)
+    first = ce.training_step(batch, 0)["loss"].item()
+    for step in range(20):
+        opt.zero_grad()
+        ce.training_step(batch, step)["loss"].backward()
+        opt.step()
+    out = ce.training_step(batch, 20)
+    assert out["loss"].item() < first - 0.3 and out["acc"] >= 40, (first, out)  # chance: 20 %
