@@ -129,6 +129,23 @@ def test_eval_knn_and_linear_on_digits(tmp_path, capsys):
     assert "VAL top1" in out and "heldout" in out
 
 
+def test_eval_knn_on_a_named_label_field(tmp_path, capsys):
+    """`--label-field fine`: a coarse dataset's fine classes (fine.cls members); a field no sample has is an error."""
+    for split in ("train", "val"):
+        assert main(["shards", "make-builtin", "digits_coarse", "--split", split, "--n", "300",
+                     "--out", str(tmp_path / split)]) == 0
+    train, val = str(tmp_path / "train" / "*.tar"), str(tmp_path / "val" / "*.tar")
+    common = ["eval", "knn", "vit_nano_patch4_32", "--train", train, "--val", val, "--k", "10", "--no-cache"]
+    assert main([*common, "--out", str(tmp_path / "coarse.json")]) == 0
+    assert main([*common, "--label-field", "fine", "--out", str(tmp_path / "fine.json")]) == 0
+    coarse = json.loads((tmp_path / "coarse.json").read_text())["results"]["top1_k10"]
+    fine = json.loads((tmp_path / "fine.json").read_text())["results"]["top1_k10"]
+    assert coarse != fine and fine > 20.0  # 10 digits, not the 5 super-classes
+    capsys.readouterr()
+    assert main([*common, "--label-field", "nope"]) != 0
+    assert "'nope'" in capsys.readouterr().err
+
+
 def test_eval_record_adds_results_to_the_card(tmp_path, capsys):
     zoo.publish(zoo.create_model("vit_nano_patch4_32"), "vit_nano_patch4_32.rec")
     for split in ("train", "val"):

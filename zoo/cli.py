@@ -394,7 +394,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         default = ["cls"] if args.protocol == "knn" else ["cls", "cls+avg", f"last{min(4, len(model.blocks))}"]
         variants = args.pooling or default
     cache = None if args.no_cache else zoo_home() / "features"
-    kw = dict(variants=variants, batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache)
+    kw = dict(variants=variants, batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache,
+              label_field=args.label_field)
     xtr, ytr = extract_features(model, args.train, desc="train features", **kw)
     xva, yva = extract_features(model, args.val, desc="val features", **kw)
     if args.protocol == "knn":
@@ -958,6 +959,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--workers", type=int, default=0)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+        s.add_argument("--label-field", default="label",
+                       help="the integer field to classify: label (.cls), or a named one such as fine (fine.cls)")
         _eval_outputs(s)
         if proto == "knn":
             s.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
