@@ -82,11 +82,11 @@ def main() -> None:
                                overwrite=True, seed=seed,
                                publish=name, eval__final=[], **({"steps": args.steps} if args.steps else {}))
             seconds[label].append(time.perf_counter() - t0)
-            train_acc = [m["acc"] for m in res.metrics if "acc" in m][-5:]  # the step's own accuracy (LOOK: its kNN vote)
+            train_acc = [m["acc"] for m in res.metrics if "acc" in m][-5:]  # last 5 logged (LOOK: its kNN vote)
             upstream[label][seed] = statistics.mean(train_acc) if train_acc else float("nan")
             rows[label][seed] = transfer(zoo.load(name), label)
             print(json.dumps({"seed": seed, "method": label, "seconds": round(seconds[label][-1]),
-                              "train_acc_last50": upstream[label][seed], **rows[label][seed]}), flush=True)
+                              "train_acc": upstream[label][seed], **rows[label][seed]}), flush=True)
 
     metrics = [f"{t}_{p}" for t in TASKS for p in ("knn", "linear")]
 

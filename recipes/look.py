@@ -81,19 +81,20 @@ def loo_knn_vote(scores: torch.Tensor, bank_labels: torch.Tensor, labels: torch.
 
 
 def loo_knn_loss(p: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-    """-mean log p over the anchors that have a same-class neighbour (p > 0); 0 with none."""
+    """-mean log p over the anchors that have a same-class neighbour (p > 0); 0 with none. A weighted mean,
+    not a selection, so the step needs no host sync."""
     keep = has & (p > 0)
-    if not keep.any():
-        return p.sum() * 0.0
-    return -torch.log(p[keep]).mean()
+    nll = torch.where(keep, -torch.log(p.clamp(min=torch.finfo(p.dtype).tiny)), torch.zeros_like(p))
+    return nll.sum() / keep.sum().clamp(min=1)
 
 
-def class_votes(scores: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int, temperature: float) -> torch.Tensor:
-    """(B, C) weighted kNN votes per class of the anchors' k nearest entries (their argmax: the kNN prediction)."""
-    top, idx = scores.topk(min(k, scores.shape[1]), dim=1)
+def class_votes(top: torch.Tensor, idx: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                temperature: float) -> torch.Tensor:
+    """(B, C) weighted kNN votes per class from the anchors' top-k scores and their bank rows (`scores.topk`),
+    the argmax being the kNN prediction."""
     w = torch.where(torch.isfinite(top), torch.exp((top - top[:, :1]) / temperature), torch.zeros_like(top))
     lab = bank_labels[idx].clamp(min=0)
-    return torch.zeros(len(scores), num_classes, device=scores.device, dtype=w.dtype).scatter_add_(1, lab, w)
+    return torch.zeros(len(top), num_classes, device=top.device, dtype=w.dtype).scatter_add_(1, lab, w)
 
 
 # -- the memory bank ---------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class LOOK(LabelledPretraining):
             raise ConfigError(f"look: the memory bank of {samples} x {self.dim} float32 needs {need / 2**30:.2f} GiB per "
                               f"rank, more than half of the {free / 2**30:.2f} GiB free on {device}; {hint}, or lower "
                               "method.head_dim")
-        self.samples, self.shards, self.shard = samples, shards, rank if self.bank_shard else 0
+        self.shards, self.shard = shards, rank if self.bank_shard else 0
         self.bank = torch.zeros(rows, self.dim, device=device)
         self.bank_labels = torch.full((rows,), -1, dtype=torch.long, device=device)
 
@@ -210,8 +211,10 @@ class LOOK(LabelledPretraining):
         ids, bank_labels = self.bank_ids(), self.bank_labels
         if self.shards == 1:
             scores = neighbour_scores(z, self.bank, ids, bank_labels, index)
-            p, has = loo_knn_vote(scores, bank_labels, labels, self.k, self.temperature)
-            return p, has, class_votes(scores.detach(), bank_labels, self.num_classes, self.k, self.temperature)
+            top, idx = scores.detach().topk(min(self.k, scores.shape[1]), dim=1)  # one top-k for the loss and `acc`
+            p, has = loo_knn_vote(scores, bank_labels, labels, self.k, self.temperature, kth=top[:, -1],
+                                  shift=top[:, 0])
+            return p, has, class_votes(top, idx, bank_labels, self.num_classes, self.temperature)
         # sharded: every rank scores every rank's anchors against its own rows; the top-k is agreed over ranks
         rank, world = dist_info()
         every_z, every_label, every_index = all_gather_with_grad(z), all_gather(labels), all_gather(index)

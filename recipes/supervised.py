@@ -51,7 +51,8 @@ def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, contrast: to
     count = positive.sum(1)
     mean_log_prob = (log_prob * positive).sum(1) / count.clamp(min=1)
     scale = temperature / (base_temperature or temperature)
-    return -scale * mean_log_prob[count > 0].mean()
+    has = (count > 0).to(mean_log_prob.dtype)  # a weighted mean, not a selection: no host sync in the step
+    return -scale * (mean_log_prob * has).sum() / has.sum().clamp(min=1)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -66,13 +67,13 @@ class LabelledViews:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         label = sample.get(self.label_field)
-        where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
         if label is None:
-            raise SampleError(f"{where} has no {self.label_field!r} (a .cls member): supervised pretraining needs every "
-                              "sample labelled; label the shards or filter them (zoo shards check lists the fields)")
+            raise SampleError(f"{_where(sample)} has no {self.label_field!r} (a .cls member): supervised pretraining "
+                              "needs every sample labelled; label the shards or filter them (zoo shards check lists "
+                              "the fields)")
         if not 0 <= int(label) < self.num_classes:
-            raise SampleError(f"{where} has label {label}, outside the declared classes 0..{self.num_classes - 1}; "
-                              "set method.num_classes to the data's class count")
+            raise SampleError(f"{_where(sample)} has label {label}, outside the declared classes "
+                              f"0..{self.num_classes - 1}; set method.num_classes to the data's class count")
         out: dict[str, Any] = {"label": int(label)}
         if "__index__" in sample:
             out["__index__"] = sample["__index__"]
@@ -82,6 +83,10 @@ class LabelledViews:
         else:
             out["views"] = images
         return out
+
+
+def _where(sample: dict[str, Any]) -> str:
+    return f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
 
 
 class MixupCollate:
@@ -219,14 +224,16 @@ class SupCon(LabelledPretraining):
         return {"loss": loss}
 
 
-for _name, _cls, _desc, _paper in (
-    ("supervised", Supervised, "cross-entropy pretraining (label smoothing, mixup/cutmix), the backbone published", None),
-    ("supcon", SupCon, "SupCon: supervised contrastive loss over two views with an MLP projection", "arXiv:2004.11362"),
-):
-    RECIPES.register(_name, _cls, family=_name, cpu_recipe=f"{_name}_vit_nano_patch4_32_digits_coarse",
-                     description=_desc, **({"paper": _paper} if _paper else {}))
-# A ViT from scratch shows no learning in the registry test's 8 fresh batches of 8 (its loss moves by noise).
-RECIPES.get("supervised").meta["learning_shown_by"] = "tests/test_recipe_look.py::test_cross_entropy_learns_a_fixed_batch"
+RECIPES.register(
+    "supervised", Supervised, family="supervised", cpu_recipe="supervised_vit_nano_patch4_32_digits_coarse",
+    description="cross-entropy pretraining (label smoothing, mixup/cutmix), the backbone published",
+    # A ViT from scratch shows no learning in the registry test's 8 fresh batches of 8 (its loss moves by noise).
+    learning_shown_by="tests/test_recipe_look.py::test_cross_entropy_learns_a_fixed_batch",
+)
+RECIPES.register(
+    "supcon", SupCon, family="supcon", cpu_recipe="supcon_vit_nano_patch4_32_digits_coarse", paper="arXiv:2004.11362",
+    description="SupCon: supervised contrastive loss over two views with an MLP projection",
+)
 
 __all__ = ["Supervised", "SupCon", "LabelledPretraining", "LabelledViews", "MixupCollate", "supcon_loss",
            "projection_head"]

@@ -214,8 +214,8 @@ def test_transform_randomness_is_seeded_and_leaves_training_rng_alone(tmp_path):
     def noisy(s):
         return {"noise": torch.rand(1)}
 
-    def run(transform=noisy):
-        ld = loader(str(tmp_path / "*.tar"), transform=transform, batch_size=5, seed=9, num_workers=0)
+    def run(transform=noisy, collate=None):
+        ld = loader(str(tmp_path / "*.tar"), transform=transform, collate=collate, batch_size=5, seed=9, num_workers=0)
         return torch.cat([b["noise"] for b in ld])
 
     torch.manual_seed(123)
@@ -224,15 +224,15 @@ def test_transform_randomness_is_seeded_and_leaves_training_rng_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), before), "the loader consumed the training RNG"
     assert torch.equal(run(), first)
     assert first.unique().numel() == 20
-    # numpy's and random's global streams too (timm's Mixup draws from numpy): seeded, and left alone
+    # a collate draws from numpy's and random's global streams too (timm's Mixup does): seeded, and left alone
     import random
 
     np.random.seed(5), random.seed(5)
     np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
-    draws = lambda s: {"noise": torch.tensor([np.random.rand(), random.random()])}  # noqa: E731
-    a = run(draws)
+    draws = lambda batch: {"noise": torch.tensor([[np.random.rand(), random.random()] for _ in batch])}  # noqa: E731
+    a = run(lambda s: s, draws)
     assert (np.random.get_state()[1] == np_before).all() and random.getstate() == py_before
-    assert torch.equal(run(draws), a) and a.unique().numel() == 40
+    assert torch.equal(run(lambda s: s, draws), a) and a.unique().numel() == 40
 
 
 def _draws(s):

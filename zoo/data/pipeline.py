@@ -174,7 +174,7 @@ class ShardStream(IterableDataset):
             if self.shuffle:  # shuffle the encoded bytes: a buffer of decoded images is many times larger
                 raws = _shuffled(raws, self.shuffle, rng)
             samples = self._decoded(raws, report)
-            scope = rng_scope or contextlib.nullcontext  # transforms and collate draw from the loader's stream
+            scope = rng_scope or _no_swap  # transforms and collate draw from the loader's stream
             batch: list[Any] = []
             for sample in samples:
                 if self.transform is not None:
@@ -188,7 +188,7 @@ class ShardStream(IterableDataset):
                 else:
                     batch.append(sample)
                     if len(batch) == self.batch_size:
-                        with scope():
+                        with scope(all_streams=True):
                             out = self._collate(batch)
                         yield _Collated(len(batch), out)
                         batch = []
@@ -208,7 +208,7 @@ class ShardStream(IterableDataset):
                 if len(chunk) < bs and self.drop_last:
                     skipped["dropped_last_batch"] += len(chunk)
                     return
-                with scope():
+                with scope(all_streams=True):
                     out = self._collate(chunk)
                 yield _Collated(len(chunk), out)
 
@@ -293,30 +293,41 @@ def _shuffled(samples: Iterator[Any], bufsize: int, rng: random.Random) -> Itera
     yield from buf
 
 
+def _no_swap(all_streams: bool = False) -> contextlib.nullcontext:
+    """In a worker the seeded streams are the process's own: nothing to swap."""
+    return contextlib.nullcontext()
+
+
 @contextmanager
 def _torch_rng(seed: int, in_worker: bool):
     """Seed the RNGs transforms draw from (torch, numpy, random). In a worker process they are ours alone;
-    in the main process our streams are swapped in around each transform so training randomness is untouched."""
+    in the main process our streams are swapped in around each call so training randomness is untouched:
+    torch's around every transform, numpy's and random's too around every collate (`scope(all_streams=True)`;
+    timm's Mixup draws from numpy), since swapping numpy's state costs ~170 µs, too much per sample."""
     if in_worker:  # every generator a transform may draw from, anew each epoch (workers persist across epochs)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         yield None  # nothing to swap per sample
         return
-    # torch, numpy and random streams of their own (timm's Mixup draws from numpy), seeded as a worker's
-    state = (torch.Generator().manual_seed(seed).get_state(), np.random.RandomState(seed % 2**32).get_state(),
-             random.Random(seed).getstate())
+    state = [torch.Generator().manual_seed(seed).get_state(), np.random.RandomState(seed % 2**32).get_state(),
+             random.Random(seed).getstate()]
 
     @contextmanager
-    def swapped():
-        nonlocal state
-        outer = torch.get_rng_state(), np.random.get_state(), random.getstate()
-        torch.set_rng_state(state[0]), np.random.set_state(state[1]), random.setstate(state[2])
+    def swapped(all_streams: bool = False):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(state[0])
+        if all_streams:
+            outer_np, outer_py = np.random.get_state(), random.getstate()
+            np.random.set_state(state[1]), random.setstate(state[2])
         try:
             yield
         finally:
-            state = torch.get_rng_state(), np.random.get_state(), random.getstate()
-            torch.set_rng_state(outer[0]), np.random.set_state(outer[1]), random.setstate(outer[2])
+            state[0] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+            if all_streams:
+                state[1], state[2] = np.random.get_state(), random.getstate()
+                np.random.set_state(outer_np), random.setstate(outer_py)
 
     yield swapped
 
