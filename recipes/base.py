@@ -41,6 +41,8 @@ class DataSpec:
     `prepare(shards, builtin)` maps the training shard pattern to the one the loader reads, once per run
     before loading (rank 0 first): shards the method derives from the data and caches (FLAME's text
     embeddings), or a check that names the command that makes them; `builtin` is True for zoo's own data.
+    `builtin_size`: the side of generated built-in images when the method reads them larger than its backbone's
+    input (targets at several scales); None: the backbone's input size.
     """
 
     fields: tuple[str, ...] = ("image",)  # required sample fields (zoo field names)
@@ -51,6 +53,7 @@ class DataSpec:
     index: bool = False
     drop_last: bool = True  # False when the method's step accepts a short batch
     prepare: Callable[[str, bool], str] | None = None
+    builtin_size: int | None = None  # built-in data generated at this size, not the backbone's input (SatMAE++'s 2x targets)
 
     def sample_transform(self, backbone: nn.Module) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """The transform the loader applies: the method's own, or the default single-image one."""

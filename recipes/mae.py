@@ -9,6 +9,12 @@ normalised pixels (`norm_pix_loss`). Read it beside the paper: the pure pieces c
 Registered as `RECIPES["mae"]`, whose factory is the `MAE` class itself: the recipe's method
 arguments are `MAE`'s constructor arguments (`RECIPES.build("mae", arch="vit_tiny_patch4_32")`).
 
+The variants (SatMAE++, BM-MAE, MP3, self-distillation, LV-MAE, medical MAE: `recipes/mae_*.py`) subclass
+`MAE` and override only the hooks that differ (specs/mae.md §2), in the order the step calls them:
+`inputs` (batch -> what is masked) -> `tokenize` (-> tokens with positions, grid) -> `sample_mask` ->
+`encode` (kept tokens) -> `decode` (every token) vs `targets`, scored by `reconstruction_loss`, plus
+`extra_losses` weighted by `loss_weights`; `build_decoder` makes the decoder (or none).
+
 Naming: inside the method the encoder is `encoder.*` and the decoder `decoder.*`; the official
 `models_mae` key names (top-level `cls_token`, `pos_embed`, `patch_embed.*`, `blocks.*`,
 `norm.*`, `decoder_embed.*`, `mask_token`, `decoder_*`) are one rename away, both ways:
@@ -18,6 +24,7 @@ Naming: inside the method the encoder is `encoder.*` and the decoder `decoder.*`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -139,6 +146,18 @@ def init_mae_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+@dataclass
+class MaskedOutput:
+    """One masked forward: `latent` (B, 1 + K, D) the encoded kept tokens, `pred` the decoder's output for every
+    token, `mask` (B, N) 1 = removed, `ids_restore` (B, N), `grid` the token grid (rows, cols)."""
+
+    latent: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+    ids_restore: torch.Tensor
+    grid: tuple[int, int]
+
+
 # -- decoder -----------------------------------------------------------------------------------
 class MAEDecoder(nn.Module):
     """The MAE decoder: encoded visible tokens + mask tokens, back in patch order -> pixels per patch.
@@ -200,6 +219,8 @@ class MAE(Method):
     512-d, 8 blocks, 16 heads ("dec512d8b"); the small ViTs want a smaller one (e.g. 128/2/4).
     """
 
+    recipe = "mae"  # the registered name, in error messages (each variant sets its own)
+
     def __init__(
         self,
         arch: str,
@@ -213,14 +234,14 @@ class MAE(Method):
     ):
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
-            raise ConfigError(f"mae: mask_ratio must be in (0, 1), got {mask_ratio}")
+            raise ConfigError(f"{self.recipe}: mask_ratio must be in (0, 1), got {mask_ratio}")
         if MODELS.get(arch).meta.get("family") != "vit":
-            raise ConfigError(f"mae: {arch!r} is not a ViT architecture; MAE masks the patch tokens of a zoo ViT")
-        check_vit_overrides(MAE, "mae", arch_overrides)
+            raise ConfigError(f"{self.recipe}: {arch!r} is not a ViT architecture; MAE masks the patch tokens of a zoo ViT")
+        check_vit_overrides(type(self), self.recipe, arch_overrides)
         for key, need in (("global_pool", "token"), ("num_classes", 0), ("class_token", True)):
             if key in arch_overrides and arch_overrides[key] != need:
                 raise ConfigError(
-                    f"mae: the pretraining encoder needs {key}={need!r} (class token, final norm, no head); "
+                    f"{self.recipe}: the pretraining encoder needs {key}={need!r} (class token, final norm, no head); "
                     f"got {arch_overrides[key]!r}. Choose pooling and heads when fine-tuning or probing"
                 )
         args = {"pos_embed": "sincos", "global_pool": "token", "num_classes": 0, **arch_overrides}
@@ -231,16 +252,8 @@ class MAE(Method):
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.in_chans = encoder.patch_embed.proj.in_channels
         self.encoder = encoder
-        self.decoder = MAEDecoder(
-            encoder.patch_embed.grid_size,
-            encoder.embed_dim,
-            decoder_dim=decoder_dim,
-            depth=decoder_depth,
-            num_heads=decoder_heads,
-            patch_size=self.patch_size,
-            in_chans=self.in_chans,
-            mlp_ratio=decoder_mlp_ratio,
-        )
+        self.decoder = self.build_decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio)
+        self.loss_weights: dict[str, float] = {"rec": 1.0}  # a variant weighs its extra terms here
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -251,37 +264,88 @@ class MAE(Method):
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.normal_(self.encoder.cls_token, std=0.02)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        if isinstance(getattr(self.decoder, "mask_token", None), nn.Parameter):
+            nn.init.normal_(self.decoder.mask_token, std=0.02)
 
-    # -- models_mae's forward --------------------------------------------------------------------
+    def build_decoder(self, dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.Module | None:
+        """The module `decode` runs (MAE's pixel decoder; a variant's own, or None for a variant without one)."""
+        return MAEDecoder(self.encoder.patch_embed.grid_size, self.encoder.embed_dim, decoder_dim=dim, depth=depth,
+                          num_heads=heads, patch_size=self.patch_size, in_chans=self.in_chans, mlp_ratio=mlp_ratio)
+
+    # -- the hooks a variant overrides (specs/mae.md §2) ------------------------------------------
+    def inputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What the step masks and reconstructs, from the batch: the image."""
+        return batch["image"]
+
+    def tokenize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Input -> (patch tokens (B, N, D) with their position embedding, grid (rows, cols))."""
+        return self.encoder.patch_tokens(x), self._grid(x)
+
+    def sample_mask(
+        self, B: int, N: int, ratio: float, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids_keep (B, K), ids_restore (B, N), mask (B, N), 1 = removed): MAE's uniform random masking."""
+        return random_masking(B, N, ratio, generator=generator, device=device)
+
+    def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """The kept tokens, class token in front, through the blocks and the final norm: (B, 1 + K, D)."""
+        return self.encoder.forward_tokens(tokens, keep=ids_keep)
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Encoded visible tokens -> a prediction for every patch (B, N, p*p*C)."""
+        return self.decoder(latent, ids_restore, grid)
+
+    def targets(self, x: torch.Tensor) -> torch.Tensor:
+        """What `decode` predicts, per patch: the input's pixels, patchified (B, N, p*p*C)."""
+        return patchify(x, self.patch_size)
+
+    def reconstruction_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE on the removed patches (norm-pix targets with `norm_pix_loss`)."""
+        return mae_loss(pred, target, mask, self.norm_pix_loss)
+
+    def extra_losses(self, batch: dict[str, Any], x: torch.Tensor, out: MaskedOutput) -> dict[str, torch.Tensor]:
+        """Further loss terms by name (multi-scale L1, distillation), weighted by `loss_weights[name]` (default 1)."""
+        return {}
+
+    # -- models_mae's forward, through the hooks --------------------------------------------------
     def _grid(self, imgs: torch.Tensor) -> tuple[int, int]:
         return imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+
+    def forward_masked(
+        self, x: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
+    ) -> MaskedOutput:
+        """tokenize -> sample_mask -> encode the kept tokens -> decode every token."""
+        tokens, grid = self.tokenize(x)
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        ids_keep, ids_restore, mask = self.sample_mask(tokens.shape[0], tokens.shape[1], ratio, tokens.device, generator)
+        latent = self.encode(tokens, ids_keep)
+        pred = self.decode(latent, ids_restore, grid)
+        return MaskedOutput(latent, pred, mask, ids_restore, grid)
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode a random subset of the patches: (latent (B, 1 + K, D), mask (B, N), ids_restore (B, N))."""
-        gh, gw = self._grid(imgs)
-        ids_keep, ids_restore, mask = random_masking(
-            imgs.shape[0], gh * gw, mask_ratio, generator=generator, device=imgs.device
-        )
-        latent = self.encoder.forward_features(imgs, keep=ids_keep)
-        return latent, mask, ids_restore
+        tokens, _ = self.tokenize(imgs)
+        ids_keep, ids_restore, mask = self.sample_mask(tokens.shape[0], tokens.shape[1], mask_ratio, tokens.device, generator)
+        return self.encode(tokens, ids_keep), mask, ids_restore
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, pred (B, N, p*p*C), mask (B, N), 1 = removed), as `MaskedAutoencoderViT.forward`."""
-        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
-        pred = self.decoder(latent, ids_restore, self._grid(imgs))
-        loss = mae_loss(pred, patchify(imgs, self.patch_size), mask, self.norm_pix_loss)
-        return loss, pred, mask
+        out = self.forward_masked(imgs, mask_ratio, generator)
+        return self.reconstruction_loss(out.pred, self.targets(imgs), out.mask), out.pred, out.mask
 
     # -- the Method contract ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        loss, _, _ = self(batch["image"])
-        return {"loss": loss, "mask_ratio": torch.tensor(self.mask_ratio)}
+        """loss = loss_weights["rec"] * reconstruction + the weighted `extra_losses`; each term is logged."""
+        x = self.inputs(batch)
+        out = self.forward_masked(x)
+        terms = {"rec": self.reconstruction_loss(out.pred, self.targets(x), out.mask), **self.extra_losses(batch, x, out)}
+        loss = sum(self.loss_weights.get(name, 1.0) * value for name, value in terms.items())
+        logged = {f"loss_{name}": value.detach() for name, value in terms.items()} if len(terms) > 1 else {}
+        return {"loss": loss, **logged, "mask_ratio": torch.tensor(self.mask_ratio)}
 
     def data_spec(self) -> DataSpec:
         # The paper's only augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip.
@@ -353,6 +417,7 @@ RECIPES.register(
 
 __all__ = [
     "MAE",
+    "MaskedOutput",
     "MAEDecoder",
     "patchify",
     "unpatchify",

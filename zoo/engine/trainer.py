@@ -107,14 +107,16 @@ def data_root() -> Path:
     return zoo_home() / "data"
 
 
-def resolve_data(source: str | None, split: str, backbone: torch.nn.Module, n: int) -> str | None:
-    """A shard pattern for `source`, generating 'builtin:NAME' shards at the backbone's input size."""
+def resolve_data(source: str | None, split: str, backbone: torch.nn.Module, n: int,
+                 size: int | None = None) -> str | None:
+    """A shard pattern for `source`, generating 'builtin:NAME' shards at `size`, by default the backbone's input size."""
     from zoo.data.builtin import BUILTIN_PREFIX, resolve_source
 
     if source is None or BUILTIN_PREFIX not in source:
         return source
-    pcfg = getattr(backbone, "pretrained_cfg", None) or {}  # a text model has no image size: the default 32 px
-    size = int(pcfg.get("input_size", (3, 32, 32))[-1])
+    if size is None:
+        pcfg = getattr(backbone, "pretrained_cfg", None) or {}  # a text model has no image size: the default 32 px
+        size = int(pcfg.get("input_size", (3, 32, 32))[-1])
     return resolve_source(source, split=split, root=data_root(), size=size, n=n)
 
 
@@ -489,7 +491,7 @@ class Trainer:
         builtin = not cfg.data.train
 
         def shards() -> str:
-            urls = resolve_data(source, "train", backbone, cfg.data.builtin_n)
+            urls = resolve_data(source, "train", backbone, cfg.data.builtin_n, spec.builtin_size)
             return spec.prepare(urls, builtin) if spec.prepare is not None else urls
 
         if self.main:

@@ -304,7 +304,14 @@ class VisionTransformer(nn.Module):
         before the position embedding is added (iBOT/DINOv2); the caller owns the token."""
         if keep is not None and mask is not None:
             raise ValueError("pass keep= (drop patches) or mask= (replace patches), not both")
-        b, _, h, w = x.shape
+        return self.add_prefix(self.patch_tokens(x, mask, mask_token), keep)
+
+    def patch_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The first half of `embed`: patch embeddings (B, N, D) plus their position embedding, no prefix tokens
+        (`mask`/`mask_token` as in `embed`). MAE-style methods choose which of these tokens the blocks see."""
+        _, _, h, w = x.shape
         grid = (h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1])
         x = self.patch_embed(x)
         if mask is not None:
@@ -313,14 +320,24 @@ class VisionTransformer(nn.Module):
             if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(f"mask must be (batch, patches) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
             x = torch.where(mask.bool().unsqueeze(-1), mask_token.reshape(1, 1, -1).to(x.dtype), x)
-        pos = self._pos_embed_for(grid)
-        x = x + pos[:, self.num_prefix_tokens :]
+        return x + self._pos_embed_for(grid)[:, self.num_prefix_tokens :]
+
+    def add_prefix(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The second half of `embed`: of the tokens (B, N, D) from `patch_tokens`, only those in `keep` (B, K) if
+        given, with the class token (and its position row) in front, then `norm_pre`."""
         if keep is not None:
             x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         if self.cls_token is not None:
-            cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         return self.norm_pre(self.pos_drop(x))
+
+    def forward_tokens(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward_features` from tokens (B, N, D) that already carry their positions (`patch_tokens`, or
+        tokens a method made itself): prefix, blocks (under `attn_mask`, if any), final norm."""
+        return self.norm(self._run_blocks(self.add_prefix(x, keep), attn_mask=attn_mask))
 
     def _run_blocks(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, seqlens: Sequence[int] | None = None
