@@ -237,22 +237,23 @@ class Method(nn.Module):
         return []
 
 
-def check_vit_overrides(method: type, name: str, overrides: Mapping[str, Any]) -> None:
-    """Arguments that are neither `method`'s own nor the ViT's are ConfigErrors naming the key and the
-    valid ones (they would otherwise surface as a TypeError deep in the model)."""
+def check_vit_overrides(method: type, name: str, overrides: Mapping[str, Any], model: type | None = None,
+                        model_name: str = "ViT") -> None:
+    """Arguments that are neither `method`'s own nor the model's (`model`, default zoo's ViT) are ConfigErrors
+    naming the key and the valid ones (they would otherwise surface as a TypeError deep in the model)."""
     import inspect
 
     from zoo.models.vit import VisionTransformer
     from zoo.registry import close_matches
 
-    vit_args = list(inspect.signature(VisionTransformer).parameters)
+    model_args = list(inspect.signature(model or VisionTransformer).parameters)
     own = [n for n, p in inspect.signature(method).parameters.items() if p.kind is not p.VAR_KEYWORD and n != "arch"]
     for key in overrides:
-        if key not in vit_args:
-            hint = close_matches(key, own + vit_args, n=1)
-            raise ConfigError(f"{name}: unknown argument {key!r} (neither a {name} argument nor a ViT argument)"
+        if key not in model_args:
+            hint = close_matches(key, own + model_args, n=1)
+            raise ConfigError(f"{name}: unknown argument {key!r} (neither a {name} argument nor a {model_name} argument)"
                               + (f"; did you mean {hint[0]!r}?" if hint else "")
-                              + f" {name}'s arguments: {', '.join(own)}")
+                              + f" {name}'s arguments: {', '.join(own)}; the {model_name}'s: {', '.join(model_args)}")
 
 
 def recipes_publishing(name: str) -> list[str]:

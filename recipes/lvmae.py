@@ -66,9 +66,9 @@ from PIL import Image
 import zoo
 from zoo.errors import ConfigError, SampleError, UnknownNameError, ZooError
 from zoo.models.sequence import SequenceTransformer, sincos_pos_embed_1d
-from zoo.recipes.base import DataSpec, Export, Method, recipes_publishing
+from zoo.recipes.base import DataSpec, Export, Method, check_vit_overrides, recipes_publishing
 from zoo.recipes.mae import MAE, NORM_PIX_EPS, MAEDecoder, MaskedOutput, init_mae_weights, norm_pix_stats
-from zoo.registry import MODELS, RECIPES, close_matches
+from zoo.registry import MODELS, RECIPES
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +531,7 @@ class LVMAE(MAE):
             raise ConfigError(f"{self.recipe}: min_len must be at least 1 (or null: whole sequences), got {min_len}")
         if grid < 1 or not 0.0 < crop <= 1.0:
             raise ConfigError(f"{self.recipe}: grid must be >= 1 and crop in (0, 1], got grid={grid}, crop={crop}")
-        self._check_overrides(arch_overrides)
+        check_vit_overrides(LVMAE, self.recipe, arch_overrides, model=SequenceTransformer, model_name="sequence encoder")
         self.arch = arch
         self.mask_ratio = float(mask_ratio)
         self.masking, self.loss, self.norm_pix_loss = masking, loss, bool(norm_pix_loss)
@@ -542,18 +542,6 @@ class LVMAE(MAE):
         self.decoder = self.build_decoder(decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio)
         self.loss_weights: dict[str, float] = {"rec": 1.0}
         self.initialize_weights()
-
-    def _check_overrides(self, overrides: dict[str, Any]) -> None:
-        import inspect
-
-        model_args = list(inspect.signature(SequenceTransformer).parameters)
-        own = [n for n, p in inspect.signature(LVMAE).parameters.items() if p.kind is not p.VAR_KEYWORD and n != "arch"]
-        for key in overrides:
-            if key not in model_args:
-                hint = close_matches(key, own + model_args, n=1)
-                raise ConfigError(f"{self.recipe}: unknown argument {key!r} (neither an lvmae argument nor a sequence "
-                                  f"encoder argument)" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                                  + f" The encoder's: {', '.join(model_args)}")
 
     def initialize_weights(self) -> None:
         """LV-MAE's init (MAE's): xavier Linear, LN 1/0, class and mask tokens N(0, 0.02)."""

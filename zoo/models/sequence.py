@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 
 from zoo.errors import ZooError
-from zoo.models.vit import Block
+from zoo.models.vit import Block, init_linears
 from zoo.registry import MODELS
 
 
@@ -80,11 +79,7 @@ class SequenceTransformer(nn.Module):
             "num_classes": num_classes,
         }
         nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

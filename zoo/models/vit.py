@@ -43,6 +43,15 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, num_prefix: int = 1)
     return emb.float().unsqueeze(0)
 
 
+def init_linears(module: nn.Module, std: float = 0.02) -> None:
+    """timm's ViT init of every Linear in `module`: weights truncated-normal(std), biases zero."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; the product itself is `zoo.kernels.attention`."""
 
@@ -257,11 +266,7 @@ class VisionTransformer(nn.Module):
             trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     # -- helpers ---------------------------------------------------------------------------
     @torch.jit.ignore
