@@ -18,7 +18,9 @@ the `mae` recipe on the SAME data as the variant it is compared with. Then, with
 - LV-MAE (masked-embedding autoencoder over sequences of 9 crop embeddings of each digit, by the frozen MAE-fractals
   encoder) vs that encoder's own features of the whole image and the mean of its crop embeddings: digits kNN / linear.
 
-Prints one markdown table and writes results.json to --out.
+The last column is a reference point: the untrained encoders (each method's own init, seeded like its run: MAE's
+xavier init alone already gives a far better digits kNN than timm's), the starting model, chance, or the mean of the
+crop embeddings. Prints one markdown table and writes results.json to --out.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ def main() -> None:
     seconds: dict[str, float] = {}
     published: dict[str, str] = {}
 
-    def train(key: str, recipe: str, *overrides: str) -> str:
+    def train(key: str, recipe: str, *overrides: str, arch: str = ARCH) -> str:
         """Pretrain `recipe` for --steps; the name its main export was published under."""
         scratch = [f"optim.lr={args.lr}", "schedule.warmup_steps=40"] if key in FROM_SCRATCH else []
-        name = f"{ARCH}.bench_{key}_s{args.seed}"
+        name = f"{arch}.bench_{key}_s{args.seed}"
         t0 = time.perf_counter()
         zoo.pretrain(recipe, run_dir=out / key, overwrite=True, seed=args.seed, publish=name,
                      overrides=[f"schedule.steps={args.steps}", "data.batch_size=64", "eval.final=[]", *scratch,
@@ -104,16 +106,31 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
 
-    def row(variant: str, data: str, metric: str, baseline: float | None, value: float, baseline_name: str) -> None:
-        rows.append({"variant": variant, "data": data, "evaluation": metric, "baseline": baseline_name,
-                     "plain": baseline, "variant_value": value})
+    def row(variant: str, data: str, metric: str, plain: float | None, value: float, reference: str = "") -> None:
+        """One table row: the variant's value beside plain MAE's (same data, same steps) and a reference point."""
+        rows.append({"variant": variant, "data": data, "evaluation": metric, "plain": plain, "value": value,
+                     "reference": reference})
         print(json.dumps(rows[-1]), flush=True)
+
+    def inits(plain: float, variant: float) -> str:
+        return f"untrained: {plain:.1f} / {variant:.1f}"
+
+    def untrained(recipe: str, *overrides: str) -> torch.nn.Module:
+        """The recipe's method as built before step 0 (its own init, seeded like the run): the reference that
+        shows what pretraining added (MAE's xavier init alone already gives digits kNN well above timm's)."""
+        from zoo.config import load_config
+        from zoo.engine.trainer import build_method
+
+        torch.manual_seed(args.seed)
+        return build_method(load_config(recipe, list(overrides))).eval()
 
     wanted: Callable[[str], bool] = lambda k: not args.only or k in args.only  # noqa: E731
     results = {"rows": rows, "seconds": seconds, "steps": args.steps, "seed": args.seed}
     # -- plain MAE on fractals: the baseline of MP3, the start of further pretraining, LV-MAE's embedder ----------
     mae_fractals = train("mae_fractals", "mae_vit_tiny_patch4_32_fractals")
     start = on_digits(zoo.load(mae_fractals), "MAE fractals")
+    plain_init = untrained("mae_vit_tiny_patch4_32_fractals").backbone()  # MAE's init: the same whatever the data
+    plain_init_digits = on_digits(plain_init, "MAE untrained")
 
     # -- MP3 (position prediction) vs MAE, both on fractals -----------------------------------------------------
     if wanted("mp3"):
@@ -121,13 +138,14 @@ def main() -> None:
 
         mp3 = train("mp3", "mp3_vit_tiny_patch4_32_fractals")
         a, b = start, on_digits(zoo.load(mp3), "MP3")
+        init = on_digits(untrained("mp3_vit_tiny_patch4_32_fractals").backbone(), "MP3 untrained")
         for metric in a:
-            row("MP3", "fractals", metric, a[metric], b[metric], "MAE")
+            row("MP3", "fractals", metric, a[metric], b[metric], inits(plain_init_digits[metric], init[metric]))
         method = trained_method("mp3")
         images = val_images(method.backbone(), "fractals", 512)
         for ratio, label in ((0.0, "full context"), (method.mask_ratio, f"{1 - method.mask_ratio:.0%} context")):
             acc = 100 * position_accuracy(method, images, mask_ratio=ratio, generator=torch.Generator().manual_seed(0))
-            row("MP3", "fractals", f"position top-1, fractals val, {label} (chance 1.6)", None, acc, "")
+            row("MP3", "fractals", f"position top-1 %, fractals val, {label}", None, acc, f"chance: {100 / 64:.1f}")
 
     # -- self-distillation further pretraining vs plain further pretraining, both from MAE-fractals on digits ----
     if wanted("distill"):
@@ -138,13 +156,68 @@ def main() -> None:
         distilled = train("distill", "mae_distill_vit_tiny_patch4_32_digits", *further)
         a, b = on_digits(zoo.load(plain), "MAE continued"), on_digits(zoo.load(distilled), "self-distillation")
         for metric in a:
-            row("self-distillation", "fractals MAE -> digits", metric, a[metric], b[metric], "MAE continued")
-            row("(the start: MAE fractals, not further pretrained)", "fractals", metric, None, start[metric], "")
+            row("self-distillation (plain: MAE continued)", "MAE-fractals, then digits", metric, a[metric], b[metric],
+                f"the start (MAE-fractals): {start[metric]:.1f}")
+    # -- medical MAE (grey, mask 0.9, crops 0.5-1) vs MAE, both on digits ----------------------------------------
+    if wanted("medical"):
+        digits_data = ["data.builtin=digits", "data.builtin_n=1438"]
+        plain = train("mae_digits", "mae_vit_tiny_patch4_32_fractals", *digits_data)
+        medical = train("medical", "medical_mae_vit_tiny_patch4_32_digits", *digits_data)
+        a, b = on_digits(zoo.load(plain), "MAE digits"), on_digits(zoo.load(medical), "medical MAE")
+        init = on_digits(untrained("medical_mae_vit_tiny_patch4_32_digits").backbone(), "medical MAE untrained")
+        for metric in a:
+            row("medical MAE", "digits", metric, a[metric], b[metric], inits(plain_init_digits[metric], init[metric]))
+
+    # -- SatMAE++ and BM-MAE vs MAE, all on scenes: segmentation from frozen patch maps ---------------------------
+    if wanted("satmae") or wanted("bmmae"):
+        plain = zoo.load(train("mae_scenes", "mae_vit_tiny_patch4_32_fractals", "data.builtin=scenes"))
+        plain_rgb = miou(plain)
+        plain_init_miou = {field: miou(plain_init, field) for field in ("image", "thermal", "depth")}
+    if wanted("satmae"):
+        satmae = train("satmae", "satmae_vit_tiny_patch4_32_scenes")
+        init = miou(untrained("satmae_vit_tiny_patch4_32_scenes").backbone())
+        row("SatMAE++ (64-px targets)", "scenes", "scenes mIoU, linear probe", plain_rgb, miou(zoo.load(satmae)),
+            inits(plain_init_miou["image"], init))
+    if wanted("bmmae"):
+        bmmae = train("bmmae", "bmmae_vit_tiny_patch4_32_scenes")
+        init = untrained("bmmae_vit_tiny_patch4_32_scenes").export(f"{ARCH}.init")
+        for field in ("image", "thermal", "depth"):
+            model = zoo.load(bmmae if field == "image" else f"{bmmae}_{field}")
+            mae_value = plain_rgb if field == "image" else miou(plain, field)  # MAE: the grey rendering on 3 channels
+            init_model = init[f"{ARCH}.init" if field == "image" else f"{ARCH}.init_{field}"].model
+            row("BM-MAE (plain: MAE on RGB)", "scenes, 3 modalities", f"scenes mIoU from {field} only", mae_value,
+                miou(model, field), inits(plain_init_miou[field], miou(init_model, field)))
+
+    # -- LV-MAE over crop-embedding sequences vs the embedder alone ---------------------------------------------
+    if wanted("lvmae"):
+        from zoo.eval.knn import knn_eval
+        from zoo.eval.linear import linear_probe
+        from zoo.recipes.lvmae import builtin_sequences, sequence_features
+
+        embedder = [f"method.embedder={mae_fractals}"]
+        t0 = time.perf_counter()
+        sequences = [builtin_sequences(split, n=n, embedder=mae_fractals) for split, n in (("train", 1438), ("val", 359))]
+        seconds["lvmae embedding (once)"] = time.perf_counter() - t0
+        lvmae = zoo.load(train("lvmae", "lvmae_seq_tiny_digits", *embedder, arch="seq_tiny"))
+
+        def sequence_scores(model: torch.nn.Module | None) -> dict[str, float]:
+            (xtr, ytr), (xva, yva) = (sequence_features(model, s) for s in sequences)
+            return {"digits kNN": knn_eval(xtr, ytr, xva, yva, ks=(20,))["top1_k20"],
+                    "digits linear": linear_probe(xtr, ytr, xva, yva).top1}
+
+        mean, seq = sequence_scores(None), sequence_scores(lvmae)
+        for metric in mean:
+            row("LV-MAE (plain: the embedder on the whole image)", "digits as 9-crop sequences", metric, start[metric],
+                seq[metric], f"mean of the 9 crop embeddings: {mean[metric]:.1f}")
+
     print(f"\n{args.steps} steps each, batch 64, seed {args.seed}; val %, frozen encoders\n")
-    print("| variant | pretrained on | evaluation | plain MAE (same data, same steps) | variant |\n|---|---|---|---|---|")
+    print("| variant | pretrained on | evaluation | plain MAE | variant | variant − plain | reference "
+          "(untrained: plain / variant) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         plain = "—" if r["plain"] is None else f"{r['plain']:.1f}"
-        print(f"| {r['variant']} | {r['data']} | {r['evaluation']} | {plain} | {r['variant_value']:.1f} |")
+        delta = "—" if r["plain"] is None else f"{r['value'] - r['plain']:+.1f}"
+        print(f"| {r['variant']} | {r['data']} | {r['evaluation']} | {plain} | {r['value']:.1f} | {delta} | "
+              f"{r['reference']} |")
     print("\npretraining wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zoo
+from zoo.errors import ZooError
 from zoo.factory import count_params
 from zoo.models.vit import VisionTransformer
 from zoo.registry import MODELS
@@ -154,3 +155,13 @@ def test_create_model_accepts_tag_and_overrides():
 def test_unknown_architecture_suggests_close_names():
     with pytest.raises(zoo.ZooError, match="vit_nano_patch4_32"):
         zoo.create_model("vit_nano_patch_32")
+
+
+def test_vit_normalisation_follows_its_channel_count():
+    grey = zoo.create_model("vit_nano_patch4_32", in_chans=1)
+    assert grey.pretrained_cfg["input_size"][0] == 1
+    assert grey.pretrained_cfg["mean"] == pytest.approx((0.449,)) and grey.pretrained_cfg["std"] == pytest.approx((0.226,))
+    five = zoo.create_model("vit_nano_patch4_32", in_chans=5, mean=(0.1,) * 5, std=(0.2,) * 5)
+    assert five.pretrained_cfg["mean"] == (0.1,) * 5
+    with pytest.raises(ZooError, match="one value per input channel"):
+        zoo.create_model("vit_nano_patch4_32", in_chans=1, mean=(0.1, 0.2, 0.3), std=(0.2, 0.2, 0.2))

@@ -43,6 +43,18 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, num_prefix: int = 1)
     return emb.float().unsqueeze(0)
 
 
+def channel_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel normalisation for `in_chans` inputs: as given when it has one value per channel; ImageNet's
+    3-value default becomes its channel average on each of another number of channels (a grey ViT: 0.449 / 0.226,
+    timm's rule); any other mismatch is a one-line error."""
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) == len(std) == in_chans:
+        return mean, std
+    if mean == IMAGENET_MEAN and std == IMAGENET_STD:
+        return (sum(mean) / 3,) * in_chans, (sum(std) / 3,) * in_chans
+    raise ZooError(f"mean {list(mean)} and std {list(std)} must have one value per input channel (in_chans={in_chans})")
+
+
 def init_linears(module: nn.Module, std: float = 0.02) -> None:
     """timm's ViT init of every Linear in `module`: weights truncated-normal(std), biases zero."""
     for m in module.modules():
@@ -248,10 +260,11 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+        mean, std = channel_stats(mean, std, in_chans)
         self.pretrained_cfg: dict[str, Any] = {
             "input_size": (in_chans, img_size, img_size),
-            "mean": tuple(mean),
-            "std": tuple(std),
+            "mean": mean,
+            "std": std,
             "interpolation": "bicubic",
             "crop_pct": 0.9,
             "num_classes": num_classes,
