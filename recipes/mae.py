@@ -9,7 +9,8 @@ normalised pixels (`norm_pix_loss`). Read it beside the paper: the pure pieces c
 Registered as `RECIPES["mae"]`, whose factory is the `MAE` class itself: the recipe's method
 arguments are `MAE`'s constructor arguments (`RECIPES.build("mae", arch="vit_tiny_patch4_32")`).
 
-The variants (SatMAE++, BM-MAE, MP3, self-distillation, LV-MAE, medical MAE: `recipes/mae_*.py`) subclass
+The variants (SatMAE++ `satmae.py`, BM-MAE `bmmae.py`, MP3 `mp3.py`, self-distillation `mae_distill.py`,
+LV-MAE `lvmae.py`, medical MAE `medical_mae.py`) subclass
 `MAE` and override only the hooks that differ (specs/mae.md §2), in the order the step calls them:
 `inputs` (batch -> what is masked) -> `tokenize` (-> tokens with positions, grid) -> `sample_mask` ->
 `encode` (kept tokens) -> `decode` (every token) vs `targets`, scored by `reconstruction_loss`, plus
