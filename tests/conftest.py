@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture(autouse=True)
 def isolated_zoo_home(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own empty zoo store and an empty, offline Hugging Face cache.
+    """Every test gets its own empty zoo store, weights lock file and an empty, offline Hugging Face cache.
 
     huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `constants` when it is imported
     (zoo imports it), so the module attributes are patched as well as the environment.
@@ -20,6 +20,7 @@ def isolated_zoo_home(tmp_path, monkeypatch) -> Path:
 
     home = tmp_path / "zoo_home"
     monkeypatch.setenv("ZOO_HOME", str(home))
+    monkeypatch.setenv("ZOO_LOCK", str(home / "zoo.lock"))  # never a zoo.lock found above the working directory
     hf = tmp_path / "hf_cache"
     hf.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(hf))

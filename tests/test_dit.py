@@ -98,19 +98,20 @@ def test_arch_for_config_matches_structure_and_refuses_unknown():
 WIDTH, DEPTH, HEADS, PATCH, SIZE, CH, CLASSES = 64, 4, 2, 2, 8, 4, 10  # dit_nano_patch2_8's structure
 
 
-def _official_state_dict(seed: int) -> dict[str, torch.Tensor]:
+def official_dit_state_dict(seed: int, width: int = WIDTH, depth: int = DEPTH, patch: int = PATCH, size: int = SIZE,
+                            classes: int = CLASSES, ch: int = CH) -> dict[str, torch.Tensor]:
     """Random weights under facebookresearch/DiT models.py names (learned sigma: 2C outputs)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
-    d, side = WIDTH, SIZE // PATCH
-    sd = {"x_embedder.proj.weight": r(d, CH, PATCH, PATCH), "x_embedder.proj.bias": r(d),
+    d, side, out = width, size // patch, patch * patch * 2 * ch
+    sd = {"x_embedder.proj.weight": r(d, ch, patch, patch), "x_embedder.proj.bias": r(d),
           "pos_embed": sincos_pos_embed_2d(d, side, side, num_prefix=0).reshape(1, side * side, d),
           "t_embedder.mlp.0.weight": r(d, 256), "t_embedder.mlp.0.bias": r(d),
           "t_embedder.mlp.2.weight": r(d, d), "t_embedder.mlp.2.bias": r(d),
-          "y_embedder.embedding_table.weight": r(CLASSES + 1, d),
+          "y_embedder.embedding_table.weight": r(classes + 1, d),
           "final_layer.adaLN_modulation.1.weight": r(2 * d, d), "final_layer.adaLN_modulation.1.bias": r(2 * d),
-          "final_layer.linear.weight": r(PATCH * PATCH * 2 * CH, d), "final_layer.linear.bias": r(PATCH * PATCH * 2 * CH)}
-    for i in range(DEPTH):
+          "final_layer.linear.weight": r(out, d), "final_layer.linear.bias": r(out)}
+    for i in range(depth):
         b = f"blocks.{i}."
         sd.update({b + "attn.qkv.weight": r(3 * d, d), b + "attn.qkv.bias": r(3 * d), b + "attn.proj.weight": r(d, d),
                    b + "attn.proj.bias": r(d), b + "mlp.fc1.weight": r(4 * d, d), b + "mlp.fc1.bias": r(4 * d),
@@ -162,7 +163,7 @@ def _io():
 
 
 def test_official_dit_checkpoint_converts_to_what_dit_computes():
-    sd = _official_state_dict(0)
+    sd = official_dit_state_dict(0)
     model = dit_model(sd, arch="dit_nano_patch2_8").eval()
     x, t, y = _io()
     with torch.no_grad():
@@ -177,7 +178,7 @@ def test_official_dit_checkpoint_converts_to_what_dit_computes():
 
 
 def test_training_checkpoint_loads_its_ema_weights_by_file_and_by_convert(tmp_path):
-    ema, raw = _official_state_dict(0), _official_state_dict(1)
+    ema, raw = official_dit_state_dict(0), official_dit_state_dict(1)
     path = tmp_path / "0400000.pt"
     torch.save({"model": raw, "ema": ema, "opt": {}, "args": {"model": "DiT-S/2"}}, path)
     x, t, y = _io()
@@ -196,8 +197,8 @@ def test_official_checkpoint_errors_are_one_line():
     with pytest.raises(CheckpointMismatchError, match="not an official DiT checkpoint"):
         dit_model({"blocks.0.attn.qkv.weight": torch.zeros(3, 1)})
     with pytest.raises(ConfigError, match="head count is not in the tensors; pass --arch"):
-        dit_model(_official_state_dict(0))  # width 64 is no DiT size
-    bad = _official_state_dict(0)
+        dit_model(official_dit_state_dict(0))  # width 64 is no DiT size
+    bad = official_dit_state_dict(0)
     bad["pos_embed"] = bad["pos_embed"] + 1
     with pytest.raises(CheckpointMismatchError, match="pos_embed is not the fixed"):
         dit_model(bad, arch="dit_nano_patch2_8")
@@ -254,7 +255,7 @@ def test_diffusers_reads_a_published_zoo_dit_folder():
     with torch.no_grad():
         assert torch.equal(theirs(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample)
     # a converted DiT computes DiT's timestep frequencies, which diffusers' class cannot: no diffusers files
-    converted = dit_model(_official_state_dict(0), arch="dit_nano_patch2_8")
+    converted = dit_model(official_dit_state_dict(0), arch="dit_nano_patch2_8")
     folder = zoo.publish(converted, "dit_nano_patch2_8.converted_only_zoo")
     assert not (folder / "diffusion_pytorch_model.safetensors").exists()
     assert "_class_name" not in json.loads((folder / "config.json").read_text())

@@ -18,14 +18,15 @@ open_clip_transformer = pytest.importorskip("open_clip.transformer")
 IMG, PATCH, WIDTH, DEPTH, EMBED, HIDDEN = 32, 4, 128, 2, 48, 64  # width 128: flame_vit_nano_patch4_32's tower
 
 
-def fake_flame(heads: int) -> tuple[nn.Module, nn.Sequential, dict]:
+def fake_flame(heads: int, img: int = IMG, patch: int = PATCH, width: int = WIDTH, depth: int = DEPTH
+               ) -> tuple[nn.Module, nn.Sequential, dict]:
     """(open_clip tower, projector, checkpoint) as FLAME-Mistral-Nemo's config builds and main.py saves them:
     GELU, ln_pre, pool_type avg, LayerNorm eps 1e-5; mm = Linear, GELU, Linear, LayerNorm; `module.` keys."""
     torch.manual_seed(0)
     visual = open_clip_transformer.VisionTransformer(
-        image_size=IMG, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=heads, mlp_ratio=4.0, output_dim=32,
+        image_size=img, patch_size=patch, width=width, layers=depth, heads=heads, mlp_ratio=4.0, output_dim=32,
         pool_type="avg", act_layer=nn.GELU, norm_layer=open_clip_transformer.LayerNorm)
-    mm = nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, EMBED), open_clip_transformer.LayerNorm(EMBED))
+    mm = nn.Sequential(nn.Linear(width, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, EMBED), open_clip_transformer.LayerNorm(EMBED))
     with torch.no_grad():  # every tensor random, norms included, so a swapped key cannot go unnoticed
         for m in [*visual.modules(), *mm.modules()]:
             for name, p in m.named_parameters(recurse=False):

@@ -22,6 +22,8 @@ import torch
 import zoo
 import zoo.cli
 import zoo.hub
+import zoo.pretrained
+from hf_cache import make_hf_cache
 from zoo.errors import (
     CheckpointMismatchError,
     ChecksumError,
@@ -144,20 +146,6 @@ def served(server, published):
     """The published model's weights file served at `server.url + '/model.safetensors'`."""
     shutil.copy(published.weights, server.root / "model.safetensors")
     return SimpleNamespace(server=server, url=f"{server.url}/model.safetensors", model=published)
-
-
-def make_hf_cache(cache: Path, repo_id: str, files: dict[str, Path | bytes], commit: str | None = None) -> str:
-    """A Hugging Face hub cache entry as huggingface_hub lays it out; returns the commit hash."""
-    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        data = content if isinstance(content, bytes) else Path(content).read_bytes()
-        (snap / name).write_bytes(data)
-    return commit
 
 
 # -- 1. publish -> load by store name ------------------------------------------------------------
@@ -472,8 +460,8 @@ def test_register_weights_then_load_by_name(served, home):
         assert served.server.count("/model.safetensors") == 1
         assert (home / "downloads" / served.model.sha256 / "model.safetensors").is_file()
     finally:
-        zoo.hub.WEIGHTS._entries.pop(name, None)
-    assert name not in zoo.hub.WEIGHTS
+        zoo.pretrained.unregister(name)
+    assert zoo.pretrained.find(name) is None
 
 
 def test_register_weights_url_must_be_pinned(served):
@@ -481,9 +469,9 @@ def test_register_weights_url_must_be_pinned(served):
     try:
         with pytest.raises(ZooError, match="sha256"):
             zoo.register_weights(name, served.url)
-        assert name not in zoo.hub.WEIGHTS
+        assert zoo.pretrained.find(name) is None
     finally:
-        zoo.hub.WEIGHTS._entries.pop(name, None)
+        zoo.pretrained.unregister(name)
 
 
 # -- 8. hf-hub -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from zoo.models.vit import VisionTransformer
 from zoo.registry import MODELS
 
 BIG = 100_000_000  # models above this are tested at a reduced input size and marked slow
+DEEP = 20_000_000  # ViTs above this are built a few blocks deep (see _shallow)
 
 
 def _cases(modality: str = "image") -> list:
@@ -24,18 +25,23 @@ def _cases(modality: str = "image") -> list:
 
 
 def _input(model, name: str, batch: int = 2) -> torch.Tensor:
+    """The model's own input size, except for big models, non-ViTs above 64 px, and ViTs of over 256 patches
+    (patch 8 at 224 px, DINOv2's 518 px): those get 4x4 patches (a ViT takes any size)."""
     c, h, w = model.pretrained_cfg["input_size"]
-    if count_params(name) > BIG or h > 64 and not isinstance(model, VisionTransformer):
+    vit = isinstance(model, VisionTransformer)
+    if count_params(name) > BIG or h > 64 and not vit or vit and (h // model.patch_embed.patch_size[0]) ** 2 > 256:
         patch = model.patch_embed.patch_size[0] if isinstance(model, VisionTransformer) else 32
         h = w = patch * 4
     return torch.randn(batch, c, h, w)
 
 
 def _shallow(name: str, depth: int = 2) -> dict:
-    """Big ViTs (over BIG parameters) are built with a few of their blocks: width, heads, patch and every code path
-    are theirs, depth only repeats a block; forward/backward, the feature API, the round trip and the
-    preprocessing are the same, the 2.5 GB of a ViT-H computed, written and read back are not."""
-    return {"depth": depth} if count_params(name) > BIG else {}
+    """ViTs of over DEEP parameters (ViT-S and up) are built with a few of their blocks: width, heads, patch and
+    every code path are theirs, depth only repeats a block; forward/backward, the feature API, the round trip and
+    the preprocessing are the same, the 350 MB of a ViT-B or 2.5 GB of a ViT-H computed, written and read back
+    are not."""
+    vit = MODELS.get(name).meta.get("family") == "vit"
+    return {"depth": depth} if count_params(name) > BIG or vit and count_params(name) > DEEP else {}
 
 
 @pytest.mark.parametrize("name", _cases())

@@ -41,28 +41,65 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str], out=None) ->
 
 
 def model_rows(pattern: str | None = None, pretrained: bool = False) -> list[dict[str, Any]]:
-    """One row per name `zoo list` shows: published models, known remote weights, architectures."""
+    """One row per name `zoo list` shows: published models, the pretrained table, architectures."""
     from zoo.factory import count_params, list_models
-    from zoo.hub import WEIGHTS, read_card, store_names
+    from zoo.hub import read_card, store_names
+    from zoo.pretrained import entries
 
     rows = []
     for name in store_names(pattern):
         card = read_card(name)
         prov = card.get("provenance", {})
         rows.append(
-            dict(name=name, params=_format_params(card.get("params")), source="store", recipe=prov.get("recipe") or "-",
-                 eval=_format_eval(card.get("eval", {})), elastic=card.get("elastic"))
+            dict(name=name, params=_format_params(card.get("params")), source="store", pin="sha256 (card)",
+                 recipe=prov.get("recipe") or "-", eval=_format_eval(card.get("eval", {})), elastic=card.get("elastic"))
         )
     rows.sort(key=_family_key)
-    for entry in WEIGHTS:
-        if pattern is None or entry.name in WEIGHTS.names(pattern):
-            rows.append(dict(name=entry.name, params="-", source=entry.meta.get("source", "remote"), recipe="-", eval="-",
-                             elastic=None))
+    locked = _locked_names()
+    for entry in entries(pattern):
+        rows.append(dict(name=entry.name, params=_entry_params(entry), source=entry.location, pin=_pin_label(entry, locked),
+                         recipe="-", eval=_format_reported(entry.reported), elastic=None))
     if not pretrained:
         for arch in list_models(pattern):
-            rows.append(dict(name=arch, params=_format_params(count_params(arch)), source="arch (random init)", recipe="-",
-                             eval="-", elastic=None))
+            rows.append(dict(name=arch, params=_format_params(count_params(arch)), source="arch (random init)", pin="-",
+                             recipe="-", eval="-", elastic=None))
     return rows
+
+
+def _format_reported(reported: dict[str, Any]) -> str:
+    from zoo.pretrained import format_reported
+
+    return f"reported: {format_reported(reported)}" if reported else "-"
+
+
+def _locked_names() -> set[str]:
+    from zoo.lock import read
+
+    try:
+        return set(read())
+    except ZooError:
+        return set()  # `zoo lock --check` reports a broken lock file; listing still works
+
+
+def _pin_label(entry: Any, locked: set[str]) -> str:
+    """How a table entry's file is held: by the table's sha256, by the lock file, not yet, or by hand."""
+    if entry.is_manual:
+        return "manual"
+    if entry.pinned:
+        return "sha256"
+    return "locked" if entry.name in locked else "unpinned"
+
+
+def _entry_params(entry: Any) -> str:
+    from zoo.factory import count_params
+    from zoo.registry import MODELS
+
+    if entry.build_arch not in MODELS or entry.converter in ("timm", "auto"):
+        return "-"
+    try:
+        return _format_params(count_params(entry.build_arch, **entry.args))
+    except Exception:  # an entry whose args only its converter understands
+        return "-"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -75,7 +112,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         shown = [{**r, "recipe": f"{r['recipe']} ({label})"} if (label := _elastic_label(r["elastic"])) else r
                  for r in rows]
-        print_table(shown, ["name", "params", "source", "recipe", "eval"])
+        columns = ["name", "params", "source", "pin", "recipe", "eval"] if args.pretrained else \
+            ["name", "params", "source", "recipe", "eval"]
+        print_table(shown, columns)
+        if args.pretrained:
+            print("\npin: sha256 = verified against the hash in zoo's table; locked = verified against your zoo.lock; "
+                  "unpinned = its first download is recorded in zoo.lock (`zoo lock NAME` does it now); "
+                  "manual = download by hand, then run the `zoo convert` command `zoo info NAME` shows", file=sys.stderr)
     return 0
 
 
@@ -107,13 +150,14 @@ def info_record(name: str) -> dict[str, Any]:
     """What `zoo info` shows: the card of a published model (by name, folder or weights file; a timm folder's
     config), or an architecture's definition."""
     from zoo.factory import count_params, split_name
-    from zoo.hub import CONFIG_FILE, NAME_RE, WEIGHTS, describe, read_card, store_dir
+    from zoo.hub import CONFIG_FILE, NAME_RE, describe, read_card, store_dir
+    from zoo.pretrained import find
     from zoo.registry import MODELS
 
     if NAME_RE.match(name) and (store_dir() / name / CONFIG_FILE).is_file():
         return read_card(name)
-    if name in WEIGHTS:
-        return {"name": name, **WEIGHTS.get(name).meta}
+    if (entry := find(name)) is not None:
+        return entry_record(entry)
     if Path(name).expanduser().exists():
         return describe(Path(name).expanduser())
     if "/" in name or name.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt")):
@@ -138,6 +182,22 @@ def info_record(name: str) -> dict[str, Any]:
         },
         "weights": "none (random init); published weights: " + (", ".join(n for n in _published_for(arch)) or "none"),
     }
+
+
+def entry_record(entry: Any) -> dict[str, Any]:
+    """What `zoo info` shows of a pretrained-table entry: its fields, how its file is pinned, and for a manual one
+    where to get the file and the command that converts it."""
+    from dataclasses import asdict
+
+    from zoo.lock import lock_path, read
+
+    rec = {k: v for k, v in asdict(entry).items() if v not in (None, {}, False)}
+    rec["location"] = entry.location
+    locked = read().get(entry.name)
+    rec["pin"] = ("manual" if entry.is_manual else "sha256 in zoo's table" if entry.pinned
+                  else f"locked in {lock_path()}: {locked.sha256}" if locked
+                  else f"unpinned: its first download is recorded in {lock_path()}")
+    return rec
 
 
 def _published_for(arch: str) -> list[str]:
@@ -259,6 +319,69 @@ def _write_converted(model: Any, card: dict[str, Any], args: argparse.Namespace)
     else:
         print(f"published {publish(model, args.out, card, overwrite=args.overwrite)}")
     return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Record (or with --check, verify) the sha256 of pretrained-table files in the lock file."""
+    import os
+
+    from zoo import lock, pretrained
+    from zoo.hub import entry_file, manual_message, verify_entry_file
+
+    if args.file:
+        os.environ["ZOO_LOCK"] = str(Path(args.file).resolve())
+    if args.check:
+        if args.names or args.update:
+            raise ConfigError("zoo lock --check verifies the whole lock file; give no NAME and no --update")
+        return _lock_check()
+    if not args.names:
+        raise ConfigError("zoo lock needs NAME... (the names of `zoo list --pretrained`), or --check to verify the "
+                          "lock file")
+    path = lock.lock_path()
+    for name in args.names:
+        entry = pretrained.get(name)
+        if entry.is_manual:
+            raise ZooError(manual_message(entry))
+        if entry.registered:
+            raise ConfigError(f"{name} was registered with zoo.register_weights in this process; pin it there with "
+                              "sha256= instead")
+        file = entry_file(entry, use_lock=not args.update)
+        digest, held = verify_entry_file(entry, file, update=args.update)
+        if held == "pinned":  # the table pins it already; the lock lists it too, for `zoo lock --check`
+            lock.record(name, entry.location, digest, file.stat().st_size, path)
+        print(f"{name}  sha256 {digest}  ({held}{'' if held == 'locked' else ' in ' + str(path)})")
+    return 0
+
+
+def _lock_check() -> int:
+    from zoo import lock, pretrained
+    from zoo.hub import entry_file, sha256_file
+
+    path = lock.lock_path()
+    records = lock.read(path)
+    if not records:
+        print(f"{path}: no weights locked yet (`zoo lock NAME...` records them)")
+        return 0
+    rows, bad = [], 0
+    for name, rec in records.items():
+        entry = pretrained.find(name)
+        if entry is None:
+            status = "not in the pretrained table (remove it, or upgrade zoo)"
+        elif rec.source != entry.location:
+            status = f"source is now {entry.location}: `zoo lock {name} --update`"
+        elif entry.sha256 and entry.sha256 != rec.sha256:
+            status = f"differs from the sha256 zoo's table pins ({entry.sha256})"
+        else:
+            file = entry_file(entry, download_missing=False)
+            actual = sha256_file(file) if file is not None else None
+            status = ("not downloaded here" if file is None else "ok" if actual == rec.sha256
+                      else f"MISMATCH: {file} has sha256 {actual}")
+        bad += status not in ("ok", "not downloaded here")
+        rows.append({"name": name, "sha256": rec.sha256[:16] + "...", "recorded": rec.recorded or "-", "status": status})
+    print(f"{path}:")
+    print_table(rows, ["name", "sha256", "recorded", "status"])
+    print(f"{len(rows) - bad} of {len(rows)} locked files check out" + (f"; {bad} do not" if bad else ""))
+    return 1 if bad else 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -884,6 +1007,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained", action="store_true", help="only names with weights")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("lock", help="record or check the sha256 of pretrained weights in zoo.lock")
+    s.add_argument("names", nargs="*", metavar="NAME", help="pretrained names to fetch and record (zoo list --pretrained)")
+    s.add_argument("--check", action="store_true", help="verify every locked file on this machine against the lock")
+    s.add_argument("--update", action="store_true", help="replace the recorded hash (after an intended upstream change)")
+    s.add_argument("--file", help="the lock file (default: $ZOO_LOCK, the nearest zoo.lock upwards, else "
+                                  "$ZOO_HOME/zoo.lock); created if missing")
+    s.set_defaults(fn=cmd_lock)
 
     s = sub.add_parser("info", help="show a model's architecture, preprocessing and card")
     s.add_argument("name", nargs="?", help="a published name, a model folder (zoo's or timm's), a weights file "

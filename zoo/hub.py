@@ -2,7 +2,7 @@
 
 `load(name)` resolves, in order: a model published in the zoo store (`$ZOO_HOME/models/NAME`),
 `hf-hub:org/repo` (a zoo or timm repo, a diffusers DiT or DiT pipeline such as `facebook/DiT-XL-2-256`),
-`timm:NAME`, `open_clip:ARCH/TAG`, an `http(s)://...#sha256=HEX` URL, a known pretrained name from `WEIGHTS`,
+`timm:NAME`, `open_clip:ARCH/TAG`, an `http(s)://...#sha256=HEX` URL, a name in the pretrained table (`zoo.pretrained`: official releases, pinned by sha256 or by `zoo.lock`),
 and a local directory (a zoo folder, one timm's `save_for_hf` wrote, a diffusers DiT or pipeline folder) or
 weights file. Published folders are readable by timm (`local-dir:`), for whole CLIP models by open_clip,
 and for DiTs by diffusers' `from_pretrained`: see `make_card` and `publish`. Weights are safetensors;
@@ -49,12 +49,14 @@ from zoo.errors import (
     ZooError,
 )
 from zoo import factory
+from zoo import lock as _lock
+from zoo import pretrained as _pretrained
 from zoo.factory import split_name
 from zoo.models.clip import open_clip_config
 from zoo.models.dit import diffusers_card
 from zoo.models import lm as _lm
 from zoo.progress import progress_bar
-from zoo.registry import MODELS, Registry, close_matches
+from zoo.registry import MODELS, close_matches
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +70,17 @@ DIFFUSERS_PIPELINE_FILE = "model_index.json"  # a diffusers pipeline folder/repo
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9][A-Za-z0-9_\-]*)?$")
 
-# Known weights that live elsewhere (a URL pinned by sha256, or a hub repo): name -> loader.
-WEIGHTS = Registry("pretrained weights")
 
 
 def register_weights(name: str, source: str, *, sha256: str | None = None, **load_kwargs: Any) -> None:
-    """Make `zoo.load(name)` fetch `source` (URL, `hf-hub:` id or path), pinned to `sha256` for URLs."""
+    """Make `zoo.load(name)` fetch `source` (URL, `hf-hub:` id or path), pinned to `sha256` for URLs; the entry
+    joins the pretrained table (`zoo list --pretrained`) for this process."""
     if source.startswith(("http://", "https://")) and not sha256 and "#sha256=" not in source:
         raise ZooError(f"weights {name!r}: a URL source must be pinned with sha256=")
-    target = f"{source}#sha256={sha256}" if sha256 else source
-
-    def fetch(**kwargs: Any) -> nn.Module:
-        return load(target, **{**load_kwargs, **kwargs})
-
-    WEIGHTS.register(name, fetch, source=source, sha256=sha256, **load_kwargs)
+    if sha256 is None and "#sha256=" in source:
+        source, sha256 = parse_pinned_url(source)
+    _pretrained.register(_pretrained.make_entry(name, {"source": source, "sha256": sha256, "args": load_kwargs},
+                                                registered=True))
 
 
 # -- the store -----------------------------------------------------------------------------------
@@ -109,8 +108,8 @@ def store_names(pattern: str | None = None) -> list[str]:
 
 
 def pretrained_names(pattern: str | None = None) -> list[str]:
-    """Every name `load` resolves without a path: the store plus registered remote weights."""
-    return sorted(set(store_names(pattern)) | set(WEIGHTS.names(pattern)))
+    """Every name `load` resolves without a path: the store plus the pretrained table (`zoo.pretrained`)."""
+    return sorted(set(store_names(pattern)) | {e.name for e in _pretrained.entries(pattern)})
 
 
 def is_timm_config(cfg: Any) -> bool:
@@ -181,7 +180,8 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -286,7 +286,7 @@ def publish(
     try:
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         safetensors.torch.save_file(sd, tmp / WEIGHTS_FILE, metadata={"zoo_card": json.dumps(meta)})
-        meta["weights_sha256"] = _sha256_file(tmp / WEIGHTS_FILE)
+        meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if (oc_cfg := open_clip_config(model)) is not None:
             _write_open_clip_files(tmp, oc_cfg)
@@ -347,17 +347,25 @@ def parse_pinned_url(url: str, sha256: str | None = None) -> tuple[str, str]:
     return base, digest
 
 
-def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | None = None) -> Path:
+def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | None = None,
+             unpinned: bool = False, pinned_by: str | None = None) -> Path:
     """Fetch a pinned URL once into the cache and return its path, verified against the sha256.
 
-    A mismatch or a broken transfer leaves nothing in the cache.
+    `unpinned=True` (a pretrained-table entry the lock file will pin) fetches a URL without a hash once, into
+    `downloads/unpinned/`. A mismatch or a broken transfer leaves nothing in the cache.
     """
-    base, digest = parse_pinned_url(url, sha256)
+    if unpinned and not sha256 and "#sha256=" not in url:
+        base, digest = url.partition("#")[0], None
+        key = hashlib.sha256(base.encode()).hexdigest()[:16]
+        default_folder = zoo_home() / "downloads" / "unpinned" / key
+    else:
+        base, digest = parse_pinned_url(url, sha256)
+        default_folder = zoo_home() / "downloads" / digest
     filename = Path(urllib.parse.urlparse(base).path).name or "download"
-    folder = Path(cache_dir) if cache_dir is not None else zoo_home() / "downloads" / digest
+    folder = Path(cache_dir) if cache_dir is not None else default_folder
     dest = folder / filename
     if dest.is_file():
-        if _sha256_file(dest) == digest:
+        if digest is None or sha256_file(dest) == digest:
             return dest
         log.warning("cached %s does not match its sha256; fetching it again", dest)
         dest.unlink()
@@ -388,13 +396,15 @@ def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | Non
         part.unlink(missing_ok=True)
         _remove_if_empty(folder)
         raise
-    if h.hexdigest() != digest:
+    if digest is not None and h.hexdigest() != digest:
         part.unlink(missing_ok=True)
         _remove_if_empty(folder)
-        raise ChecksumError(
-            f"{base}: sha256 is {h.hexdigest()}, expected {digest}; the file was refused and removed. "
-            "Check the pinned hash or the source"
-        )
+        if pinned_by is None:
+            raise ChecksumError(f"{base}: sha256 is {h.hexdigest()}, expected {digest}; the file was refused and "
+                                "removed. Check the pinned hash or the source")
+        raise ChecksumError(_lock.mismatch_message(base, "the download", h.hexdigest(), digest, pinned_by,
+                                                   "the file was refused and removed; if the release changed on "
+                                                   "purpose, re-lock it with `zoo lock NAME --update`"))
     os.replace(part, dest)
     return dest
 
@@ -509,7 +519,7 @@ def _load_dir(path: Path, overrides: dict[str, Any], strict: bool, arch: str | N
     if not weights.is_file():
         raise ZooError(f"{path} has a {CONFIG_FILE} but no {WEIGHTS_FILE}; republish the model")
     expected = card.get("weights_sha256")
-    if expected and _sha256_file(weights) != expected:
+    if expected and sha256_file(weights) != expected:
         raise ChecksumError(f"{weights} does not match the sha256 in its {CONFIG_FILE}; the file is corrupt, republish it")
     model = _build_from_card(card, overrides)
     sd = fit_state_dict(read_state_dict(weights), model)
@@ -736,15 +746,157 @@ def load(name: str | os.PathLike, *, arch: str | None = None, strict: bool = Tru
     if name.startswith(("http://", "https://")):
         path = download(name, sha256)
         return _load_file(path, arch, kwargs, strict)
-    if name in WEIGHTS:
-        extra = {"arch": arch} if arch else {}
-        return WEIGHTS.build(name, strict=strict, **extra, **kwargs)
+    if (entry := _pretrained.find(name)) is not None:
+        return load_entry(entry, arch=arch, strict=strict, **kwargs)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_dir(path, kwargs, strict, arch)
     if path.is_file():
         return _load_file(path, arch, kwargs, strict)
     raise UnknownNameError(_unknown_message(name))
+
+
+# -- the pretrained table: fetch, pin, convert -----------------------------------------------------
+def entry_file(entry: _pretrained.PretrainedEntry, *, download_missing: bool = True,
+               use_lock: bool = True) -> Path | None:
+    """The release file of a table entry on this machine, fetched when missing (`download_missing`), else None.
+    A URL source is held to its sha256 (the entry's, or unless `use_lock=False` the lock file's) as it downloads."""
+    if entry.is_manual:
+        raise ZooError(manual_message(entry))
+    if entry.source.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        repo = entry.source.removeprefix("hf-hub:")
+        if not download_missing:
+            found = try_to_load_from_cache(repo, entry.file, revision=entry.revision)
+            return Path(found) if isinstance(found, str) else None
+        try:
+            return Path(hf_hub_download(repo, entry.file, revision=entry.revision))
+        except Exception as e:  # huggingface_hub's many offline/HTTP/missing-file errors
+            raise DownloadError(f"{entry.name}: cannot get {entry.location} ({type(e).__name__}: {_first_line(e)}); "
+                                "check the network, or download the file and zoo.load it by path") from None
+    if entry.source.startswith(("http://", "https://")):
+        # one cache folder per entry whether or not it is locked yet: the file a first download recorded is reused
+        folder = zoo_home() / "downloads" / (entry.sha256 or "unpinned/" + hashlib.sha256(entry.source.encode()).hexdigest()[:16])
+        if not download_missing:
+            cached = folder / (Path(urllib.parse.urlparse(entry.source).path).name or "download")
+            return cached if cached.is_file() else None
+        locked = _lock.lookup(entry.name, entry.location) if use_lock and not entry.sha256 else None
+        digest = entry.sha256 or getattr(locked, "sha256", None)
+        pinned_by = "zoo's pretrained table" if entry.sha256 else str(_lock.lock_path()) if locked else None
+        return download(entry.source, digest, cache_dir=folder, unpinned=digest is None, pinned_by=pinned_by)
+    path = Path(entry.source).expanduser()
+    if not path.exists():
+        raise ZooError(f"{entry.name}: its source {path} does not exist")
+    return path
+
+
+def manual_message(entry: _pretrained.PretrainedEntry) -> str:
+    """What to do for a release zoo cannot fetch: where to get the file, and the one command that converts it."""
+    where, convert = entry.manual["where"], entry.manual["convert"]
+    return (f"{entry.name} cannot be downloaded by zoo: get the file from {where}, then run `{convert}` "
+            f"(zoo.load({entry.name!r}) then finds it in the zoo store)")
+
+
+def verify_entry_file(entry: _pretrained.PretrainedEntry, path: Path, *, update: bool = False) -> tuple[str, str]:
+    """Check a release file against the entry's sha256 or the lock file's record; an unpinned file's first use (or
+    `update=True`) records it. Returns (sha256, what it was held to: 'pinned', 'locked' or 'recorded')."""
+    actual = sha256_file(path)
+    if entry.sha256:
+        if actual != entry.sha256:
+            raise ChecksumError(_lock.mismatch_message(entry.name, path, actual, entry.sha256, "zoo's pretrained table",
+                                                       "delete the file to download it again"))
+        return actual, "pinned"
+    lock_file = _lock.lock_path()
+    rec = None if update else _lock.lookup(entry.name, entry.location, lock_file)
+    if rec is not None:
+        if actual != rec.sha256:
+            raise ChecksumError(_lock.mismatch_message(
+                entry.name, path, actual, rec.sha256, str(lock_file),
+                f"the file changed since it was locked: delete it to download it again, or accept it with "
+                f"`zoo lock {entry.name} --update`"))
+        return actual, "locked"
+    _lock.record(entry.name, entry.location, actual, path.stat().st_size, lock_file)
+    log.info("%s: recorded sha256 %s in %s; later loads are verified against it", entry.name, actual, lock_file)
+    return actual, "recorded"
+
+
+def _convert_vit(ckpt: Any, entry: _pretrained.PretrainedEntry, args: dict[str, Any], strict: bool) -> nn.Module:
+    model = factory.create_model(entry.build_arch, **args)
+    load_checked(model, fit_state_dict(unwrap(ckpt), model), entry.location, strict=strict)
+    return model
+
+
+def _convert_timm(ckpt: Any, entry: _pretrained.PretrainedEntry, args: dict[str, Any], strict: bool) -> nn.Module:
+    import timm
+
+    model = timm.create_model(entry.build_arch, pretrained=False, **args)
+    load_checked(model, unwrap(ckpt), entry.location, strict=strict)
+    return model
+
+
+def _convert_open_clip_visual(ckpt: Any, entry: _pretrained.PretrainedEntry, args: dict[str, Any],
+                              strict: bool) -> nn.Module:
+    sd = {k.removeprefix("visual."): v for k, v in unwrap(ckpt).items() if k.startswith("visual.")}
+    if not sd:
+        raise CheckpointMismatchError(f"{entry.location}: no visual.* keys; it is not an open_clip CLIP state dict")
+    return _convert_vit(sd, entry, args, strict)
+
+
+def _no_args(fn):
+    """A converter that reads every shape from the checkpoint's tensors: arguments would contradict them."""
+    def convert(ckpt: Any, entry: _pretrained.PretrainedEntry, args: dict[str, Any], strict: bool) -> nn.Module:
+        if args:
+            raise ConfigError(f"{entry.name}: the {entry.converter} converter reads the architecture from the "
+                              f"checkpoint; drop {', '.join(args)}")
+        return fn(ckpt, entry)
+    return convert
+
+
+def _convert_poa(ckpt: Any, entry: _pretrained.PretrainedEntry, args: dict[str, Any], strict: bool) -> nn.Module:
+    from zoo.convert import poa_model
+
+    if "width" not in args or "depth" not in args:
+        raise ConfigError(f"{entry.name}: the poa converter needs args width and depth (the sub-network to extract)")
+    return poa_model(unwrap(ckpt), args["width"], args["depth"], arch=entry.build_arch)
+
+
+def _converters() -> dict[str, Any]:
+    from zoo.convert import dit_model, unip_model
+
+    return {
+        "timm_vit": _convert_vit,
+        "open_clip": _convert_vit,  # a zoo CLIP's state dict is open_clip's, key for key
+        "open_clip_visual": _convert_open_clip_visual,
+        "timm": _convert_timm,
+        "dit": _no_args(lambda ckpt, e: dit_model(ckpt, arch=e.build_arch)),
+        "unip": _no_args(lambda ckpt, e: unip_model(ckpt, arch=e.build_arch)),
+        "flame": _no_args(lambda ckpt, e: flame_model(ckpt, arch=e.build_arch)),
+        "poa": _convert_poa,
+    }
+
+
+def load_entry(entry: _pretrained.PretrainedEntry, *, arch: str | None = None, strict: bool = True,
+               **overrides: Any) -> nn.Module:
+    """A pretrained-table entry as a model: its file fetched and held to its sha256 (pinned or locked), converted
+    from the release's layout, with the release's preprocessing and provenance in `model.zoo_card`."""
+    if entry.registered:  # zoo.register_weights: the source loads as zoo.load loads it
+        target = f"{entry.source}#sha256={entry.sha256}" if entry.sha256 else entry.source
+        return load(target, **({"arch": arch} if arch else {}), strict=strict, **{**entry.args, **overrides})
+    if entry.is_manual:
+        raise UnknownNameError(manual_message(entry))
+    if arch is not None:
+        raise ConfigError(f"{entry.name} names its own architecture ({entry.build_arch}); drop arch=")
+    path = entry_file(entry)
+    digest, held = verify_entry_file(entry, path)
+    model = _converters()[entry.converter](read_checkpoint(path), entry, {**entry.args, **overrides}, strict)
+    pcfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pcfg, dict):
+        pcfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in entry.preprocessing.items()})
+    arch_name = getattr(model, "zoo_arch", None)
+    card = {"arch": arch_name or f"timm:{entry.build_arch}", "args": dict(getattr(model, "zoo_args", {})),
+            **entry.card(), "sha256": digest, "pin": held}
+    return _finish(model, card, entry.location)
 
 
 # -- the public entry points: architectures (zoo.factory) or weights (above) ------------------------

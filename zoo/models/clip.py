@@ -248,26 +248,34 @@ class ClipImageTower(nn.Module):
 
 
 # -- architectures -----------------------------------------------------------------------------
+def _gelu(quick_gelu: bool, key: str = "force_quick_gelu") -> dict[str, bool]:
+    """The keyword that selects QuickGELU (open_clip's `force_quick_gelu`, or zoo's arch argument), only when set."""
+    return {key: True} if quick_gelu else {}
+
+
 def _image_tower_factory(arch: ClipArch) -> Callable[..., ClipImageTower]:
-    def build(num_classes: int = 0) -> ClipImageTower:
-        return ClipImageTower(create_open_clip(arch.config).visual, num_classes=num_classes)
+    def build(num_classes: int = 0, quick_gelu: bool = False) -> ClipImageTower:
+        """`quick_gelu`: OpenAI's activation (its released CLIPs were trained with it)."""
+        return ClipImageTower(create_open_clip(arch.config, **_gelu(quick_gelu)).visual, num_classes=num_classes)
 
     return build
 
 
 def _clip_factory(arch: ClipArch) -> Callable[..., nn.Module]:
-    def build(init_logit_scale: float | None = None, init_logit_bias: float | None = None) -> nn.Module:
-        """open_clip's CLIP with zoo's image tower as `visual`; `init_logit_bias` adds SigLIP's bias."""
+    def build(init_logit_scale: float | None = None, init_logit_bias: float | None = None,
+              quick_gelu: bool = False) -> nn.Module:
+        """open_clip's CLIP with zoo's image tower as `visual`; `init_logit_bias` adds SigLIP's bias, `quick_gelu`
+        OpenAI's activation (its released CLIPs were trained with it)."""
         from open_clip.model import CLIP
 
         inits = {"init_logit_scale": init_logit_scale, "init_logit_bias": init_logit_bias}
-        model = create_open_clip(arch.config, **{k: v for k, v in inits.items() if v is not None})
+        model = create_open_clip(arch.config, **{k: v for k, v in inits.items() if v is not None}, **_gelu(quick_gelu))
         if type(model) is not CLIP:
             raise ConfigError(
                 f"{arch.config} builds an open_clip {type(model).__name__}; {arch.clip_arch} needs a plain CLIP"
             )
         tower = ClipImageTower(model.visual)
-        tower.zoo_arch, tower.zoo_args = arch.image_arch, {}  # publishable on its own, like any backbone
+        tower.zoo_arch, tower.zoo_args = arch.image_arch, _gelu(quick_gelu, "quick_gelu")  # publishable on its own
         model.visual = tower
         model.pretrained_cfg = dict(tower.pretrained_cfg)
         model.tokenizer = clip_tokenizer(arch.config)
@@ -283,7 +291,8 @@ def open_clip_config(model: nn.Module) -> dict[str, Any] | None:
     if arch is None:
         return None
     model_cfg = _open_clip().get_model_config(arch.config)
-    model_cfg.update({k: v for k, v in getattr(model, "zoo_args", {}).items() if v is not None})  # init_logit_*
+    model_cfg.update({k: v for k, v in getattr(model, "zoo_args", {}).items() if v is not None})  # init_logit_*,
+    # quick_gelu: open_clip's own config keys
     pcfg, visual = model.pretrained_cfg, model.visual
     preprocess = {
         "size": list(visual.image_size),

@@ -517,6 +517,13 @@ VIT_ARCHS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    "vit_small_patch8_224": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),  # DINO's ViT-S/8
+    "vit_base_patch8_224": dict(patch_size=8, embed_dim=768, depth=12, num_heads=12),
+    # DINOv2's (without registers): 518 px, patch 14, LayerScale
+    "vit_small_patch14_dinov2": dict(img_size=518, patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5),
+    "vit_base_patch14_dinov2": dict(img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5),
+    "vit_large_patch14_dinov2": dict(img_size=518, patch_size=14, embed_dim=1024, depth=24, num_heads=16,
+                                     init_values=1e-5),
 }
 
 
