@@ -31,7 +31,7 @@ def test_list_pattern_and_json(capsys):
     assert main(["list", "vit_*_patch4_32", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in rows} == {"vit_nano_patch4_32", "vit_tiny_patch4_32", "vit_small_patch4_32"}
-    assert main(["list", "--pretrained"]) == 1  # empty store: says so and fails
+    assert main(["list", "vit_*_patch4_32", "--pretrained"]) == 1  # empty store, no table entry: says so and fails
     assert "no model matches" in capsys.readouterr().err
 
 
