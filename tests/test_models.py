@@ -3,17 +3,20 @@ Image-text models (registry meta `modality: image-text`, e.g. a whole CLIP) get 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import zoo
 from zoo.errors import ZooError
-from zoo.factory import count_params
+from zoo.factory import count_params as _count_params
 from zoo.models.vit import VisionTransformer
 from zoo.registry import MODELS
 
 BIG = 100_000_000  # models above this are tested at a reduced input size and marked slow
 DEEP = 20_000_000  # ViTs above this are built a few blocks deep (see _shallow)
+count_params = functools.cache(_count_params)  # an architecture's size, built once on the meta device
 
 
 def _cases(modality: str = "image") -> list:

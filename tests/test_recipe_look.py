@@ -168,7 +168,7 @@ def test_mixup_collate_mixes_images_and_targets():
 
 
 # -- 2 gloo ranks ------------------------------------------------------------------------------------
-def _ranks(rank: int, world: int, init: str, queue) -> None:
+def _ranks(rank: int, world: int, init: str, queue, received) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -189,6 +189,7 @@ def _ranks(rank: int, world: int, init: str, queue) -> None:
         loo_knn_loss(p, has).backward()
         out[f"p{shard}"], out[f"grad{shard}"] = p.detach(), z.grad.clone()
     queue.put((rank, out))
+    received.wait(timeout=300)  # the tensors travel as shared memory this process serves: stay until they arrive
     dist.barrier()
     dist.destroy_process_group()
 
@@ -197,12 +198,13 @@ def test_bank_indices_stay_aligned_across_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, received = ctx.Queue(), ctx.Event()
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_ranks, args=(r, 2, init, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_ranks, args=(r, 2, init, queue, received)) for r in range(2)]
     for proc in procs:
         proc.start()
     results = dict(queue.get(timeout=300) for _ in procs)
+    received.set()
     for proc in procs:
         proc.join(timeout=60)
         assert proc.exitcode == 0
