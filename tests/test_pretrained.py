@@ -311,6 +311,15 @@ def test_a_pinned_entry_is_verified_before_use_and_never_touches_the_lock(dino, 
         zoo.load(NAME, depth=1)
 
 
+def test_a_new_classifier_starts_fresh_on_the_released_backbone(dino):
+    """Fine-tuning: `num_classes=5` adds a head the release does not have; every released tensor still loads."""
+    plain, tuned = zoo.load(NAME, depth=1), zoo.load(NAME, depth=1, num_classes=5)
+    assert tuned.head.out_features == 5
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.forward_head(tuned.forward_features(x), pre_logits=True), plain(x))
+
+
 def test_a_changed_source_asks_for_a_relock(dino):
     zoo.lock.record(NAME, "hf-hub:someone/else/model.safetensors", "c" * 64)
     with pytest.raises(ChecksumError, match="its source is now hf-hub:timm/vit_small_patch16_224.dino"):

@@ -352,7 +352,8 @@ def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | Non
     """Fetch a pinned URL once into the cache and return its path, verified against the sha256.
 
     `unpinned=True` (a pretrained-table entry the lock file will pin) fetches a URL without a hash once, into
-    `downloads/unpinned/`. A mismatch or a broken transfer leaves nothing in the cache.
+    `downloads/unpinned/`; `pinned_by` names where the hash came from (the table, a lock file) for the mismatch
+    error. A mismatch or a broken transfer leaves nothing in the cache.
     """
     if unpinned and not sha256 and "#sha256=" not in url:
         base, digest = url.partition("#")[0], None
@@ -823,7 +824,14 @@ def verify_entry_file(entry: _pretrained.PretrainedEntry, path: Path, *, update:
 
 def _convert_vit(ckpt: Any, entry: _pretrained.PretrainedEntry, args: dict[str, Any], strict: bool) -> nn.Module:
     model = factory.create_model(entry.build_arch, **args)
-    load_checked(model, fit_state_dict(unwrap(ckpt), model), entry.location, strict=strict)
+    sd = fit_state_dict(unwrap(ckpt), model)
+    if args.get("num_classes"):  # a new classifier (fine-tuning): the release has none of this size, it starts fresh
+        fresh = {k: v for k, v in model.state_dict().items()
+                 if k.startswith(("head.", "fc_norm.")) and (k not in sd or sd[k].shape != v.shape)}
+        if fresh:
+            log.info("%s: new %s initialised randomly (num_classes=%d)", entry.name, ", ".join(fresh), args["num_classes"])
+        sd.update(fresh)
+    load_checked(model, sd, entry.location, strict=strict)
     return model
 
 
