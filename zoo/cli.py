@@ -191,7 +191,8 @@ def entry_record(entry: Any) -> dict[str, Any]:
 
     from zoo.lock import lock_path, read
 
-    rec = {k: v for k, v in asdict(entry).items() if v not in (None, {}, False)}
+    rec = {k: v for k, v in asdict(entry).items() if v not in (None, {}, False)
+           and (k != "revision" or entry.source.startswith("hf-hub:"))}
     rec["location"] = entry.location
     locked = read().get(entry.name)
     rec["pin"] = ("manual" if entry.is_manual else "sha256 in zoo's table" if entry.pinned
