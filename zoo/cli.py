@@ -98,7 +98,7 @@ def _entry_params(entry: Any) -> str:
         return "-"
     try:
         return _format_params(count_params(entry.build_arch, **entry.args))
-    except Exception:  # an entry whose args only its converter understands
+    except (TypeError, ValueError, ZooError):  # an entry whose args only its converter understands
         return "-"
 
 
@@ -346,7 +346,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         if entry.registered:
             raise ConfigError(f"{name} was registered with zoo.register_weights in this process; pin it there with "
                               "sha256= instead")
-        file = entry_file(entry, use_lock=not args.update)
+        file = entry_file(entry)
         digest, held = verify_entry_file(entry, file, update=args.update)
         if held == "pinned":  # the table pins it already; the lock lists it too, for `zoo lock --check`
             lock.record(name, entry.location, digest, file.stat().st_size, path)

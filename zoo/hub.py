@@ -52,11 +52,12 @@ from zoo import factory
 from zoo import lock as _lock
 from zoo import pretrained as _pretrained
 from zoo.factory import split_name
+from zoo.home import zoo_home
 from zoo.models.clip import open_clip_config
 from zoo.models.dit import diffusers_card
 from zoo.models import lm as _lm
 from zoo.progress import progress_bar
-from zoo.registry import MODELS, close_matches
+from zoo.registry import MODELS, close_matches, matching
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,6 @@ def register_weights(name: str, source: str, *, sha256: str | None = None, **loa
 
 
 # -- the store -----------------------------------------------------------------------------------
-def zoo_home() -> Path:
-    """Root of the zoo store and download cache: `$ZOO_HOME`, default `~/.cache/zoo`."""
-    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo").expanduser()
-
-
 def store_dir() -> Path:
     return zoo_home() / "models"
 
@@ -99,12 +95,7 @@ def store_names(pattern: str | None = None) -> list[str]:
     if not root.is_dir():
         return []
     names = sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file())
-    if pattern:
-        import fnmatch
-
-        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        names = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-    return names
+    return matching(names, pattern)
 
 
 def pretrained_names(pattern: str | None = None) -> list[str]:
@@ -347,23 +338,30 @@ def parse_pinned_url(url: str, sha256: str | None = None) -> tuple[str, str]:
     return base, digest
 
 
+def download_folder(url: str, sha256: str | None) -> Path:
+    """Where a download is cached: by its sha256 when pinned, else by its URL (a table entry the lock will pin)."""
+    return zoo_home() / "downloads" / (sha256 or "unpinned/" + hashlib.sha256(url.encode()).hexdigest()[:16])
+
+
+def download_name(url: str) -> str:
+    """The file name a download is cached under: the URL's last path part."""
+    return Path(urllib.parse.urlparse(url).path).name or "download"
+
+
 def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | None = None,
-             unpinned: bool = False, pinned_by: str | None = None) -> Path:
+             unpinned: bool = False) -> Path:
     """Fetch a pinned URL once into the cache and return its path, verified against the sha256.
 
     `unpinned=True` (a pretrained-table entry the lock file will pin) fetches a URL without a hash once, into
-    `downloads/unpinned/`; `pinned_by` names where the hash came from (the table, a lock file) for the mismatch
-    error. A mismatch or a broken transfer leaves nothing in the cache.
+    `downloads/unpinned/` (the caller verifies it: `verify_entry_file`). A mismatch or a broken transfer leaves
+    nothing in the cache.
     """
     if unpinned and not sha256 and "#sha256=" not in url:
         base, digest = url.partition("#")[0], None
-        key = hashlib.sha256(base.encode()).hexdigest()[:16]
-        default_folder = zoo_home() / "downloads" / "unpinned" / key
     else:
         base, digest = parse_pinned_url(url, sha256)
-        default_folder = zoo_home() / "downloads" / digest
-    filename = Path(urllib.parse.urlparse(base).path).name or "download"
-    folder = Path(cache_dir) if cache_dir is not None else default_folder
+    folder = Path(cache_dir) if cache_dir is not None else download_folder(base, digest)
+    filename = download_name(base)
     dest = folder / filename
     if dest.is_file():
         if digest is None or sha256_file(dest) == digest:
@@ -400,12 +398,10 @@ def download(url: str, sha256: str | None = None, *, cache_dir: str | Path | Non
     if digest is not None and h.hexdigest() != digest:
         part.unlink(missing_ok=True)
         _remove_if_empty(folder)
-        if pinned_by is None:
-            raise ChecksumError(f"{base}: sha256 is {h.hexdigest()}, expected {digest}; the file was refused and "
-                                "removed. Check the pinned hash or the source")
-        raise ChecksumError(_lock.mismatch_message(base, "the download", h.hexdigest(), digest, pinned_by,
-                                                   "the file was refused and removed; if the release changed on "
-                                                   "purpose, re-lock it with `zoo lock NAME --update`"))
+        raise ChecksumError(
+            f"{base}: sha256 is {h.hexdigest()}, expected {digest}; the file was refused and removed. "
+            "Check the pinned hash or the source"
+        )
     os.replace(part, dest)
     return dest
 
@@ -758,10 +754,9 @@ def load(name: str | os.PathLike, *, arch: str | None = None, strict: bool = Tru
 
 
 # -- the pretrained table: fetch, pin, convert -----------------------------------------------------
-def entry_file(entry: _pretrained.PretrainedEntry, *, download_missing: bool = True,
-               use_lock: bool = True) -> Path | None:
-    """The release file of a table entry on this machine, fetched when missing (`download_missing`), else None.
-    A URL source is held to its sha256 (the entry's, or unless `use_lock=False` the lock file's) as it downloads."""
+def entry_file(entry: _pretrained.PretrainedEntry, *, download_missing: bool = True) -> Path | None:
+    """The release file of a table entry on this machine, fetched when missing (`download_missing`), else None;
+    not yet verified (`verify_entry_file` hashes it once)."""
     if entry.is_manual:
         raise ZooError(manual_message(entry))
     if entry.source.startswith("hf-hub:"):
@@ -777,15 +772,12 @@ def entry_file(entry: _pretrained.PretrainedEntry, *, download_missing: bool = T
             raise DownloadError(f"{entry.name}: cannot get {entry.location} ({type(e).__name__}: {_first_line(e)}); "
                                 "check the network, or download the file and zoo.load it by path") from None
     if entry.source.startswith(("http://", "https://")):
-        # one cache folder per entry whether or not it is locked yet: the file a first download recorded is reused
-        folder = zoo_home() / "downloads" / (entry.sha256 or "unpinned/" + hashlib.sha256(entry.source.encode()).hexdigest()[:16])
+        # one cache folder per entry, locked or not yet: the file a first download recorded is the one reused
+        folder = download_folder(entry.source, entry.sha256)
         if not download_missing:
-            cached = folder / (Path(urllib.parse.urlparse(entry.source).path).name or "download")
+            cached = folder / download_name(entry.source)
             return cached if cached.is_file() else None
-        locked = _lock.lookup(entry.name, entry.location) if use_lock and not entry.sha256 else None
-        digest = entry.sha256 or getattr(locked, "sha256", None)
-        pinned_by = "zoo's pretrained table" if entry.sha256 else str(_lock.lock_path()) if locked else None
-        return download(entry.source, digest, cache_dir=folder, unpinned=digest is None, pinned_by=pinned_by)
+        return download(entry.source, cache_dir=folder, unpinned=True)
     path = Path(entry.source).expanduser()
     if not path.exists():
         raise ZooError(f"{entry.name}: its source {path} does not exist")
@@ -803,19 +795,25 @@ def verify_entry_file(entry: _pretrained.PretrainedEntry, path: Path, *, update:
     """Check a release file against the entry's sha256 or the lock file's record; an unpinned file's first use (or
     `update=True`) records it. Returns (sha256, what it was held to: 'pinned', 'locked' or 'recorded')."""
     actual = sha256_file(path)
+    ours = path.is_relative_to(zoo_home() / "downloads")  # zoo's own download cache: a refused file is removed
     if entry.sha256:
         if actual != entry.sha256:
-            raise ChecksumError(_lock.mismatch_message(entry.name, path, actual, entry.sha256, "zoo's pretrained table",
-                                                       "delete the file to download it again"))
+            if ours:
+                path.unlink()
+            raise ChecksumError(_lock.mismatch_message(
+                entry.name, path, actual, entry.sha256, "zoo's pretrained table",
+                "it was removed" if ours else "delete the file to download it again"))
         return actual, "pinned"
     lock_file = _lock.lock_path()
     rec = None if update else _lock.lookup(entry.name, entry.location, lock_file)
     if rec is not None:
         if actual != rec.sha256:
+            if ours:
+                path.unlink()
             raise ChecksumError(_lock.mismatch_message(
                 entry.name, path, actual, rec.sha256, str(lock_file),
-                f"the file changed since it was locked: delete it to download it again, or accept it with "
-                f"`zoo lock {entry.name} --update`"))
+                ("it was removed" if ours else "delete it to download it again")
+                + f"; if the release changed on purpose, accept it with `zoo lock {entry.name} --update`"))
         return actual, "locked"
     _lock.record(entry.name, entry.location, actual, path.stat().st_size, lock_file)
     log.info("%s: recorded sha256 %s in %s; later loads are verified against it", entry.name, actual, lock_file)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import ChecksumError, ConfigError
+from zoo.home import zoo_home
 
 LOCK_NAME = "zoo.lock"
 LOCK_FORMAT = "zoo.lock/1"
@@ -32,10 +33,6 @@ class LockRecord:
     recorded: str | None = None
 
 
-def _zoo_home() -> Path:
-    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo").expanduser()
-
-
 def lock_path(start: str | Path | None = None) -> Path:
     """The lock file in use: `$ZOO_LOCK`, the nearest project `zoo.lock` (from `start`, default the working
     directory, upwards), or `$ZOO_HOME/zoo.lock`; it need not exist yet."""
@@ -45,7 +42,7 @@ def lock_path(start: str | Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / LOCK_NAME).is_file():
             return folder / LOCK_NAME
-    return _zoo_home() / LOCK_NAME
+    return zoo_home() / LOCK_NAME
 
 
 def read(path: str | Path | None = None) -> dict[str, LockRecord]:

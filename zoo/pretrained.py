@@ -10,7 +10,6 @@ for an unpinned one, from the lock file (`zoo.lock`).
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import re
 from dataclasses import dataclass, field, fields
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 
 from zoo.errors import ConfigError, UnknownNameError
-from zoo.registry import close_matches
+from zoo.registry import close_matches, matching
 
 TABLE_FILE = Path(__file__).parent / "models" / "pretrained.yaml"
 MANUAL = "manual"
@@ -145,11 +144,7 @@ def unregister(name: str) -> None:
 def entries(pattern: str | None = None) -> list[PretrainedEntry]:
     """Every entry (table, then registered), sorted by name, optionally filtered by a wildcard or substring."""
     found = {**_table(), **_REGISTERED}
-    names = sorted(found)
-    if pattern:
-        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        names = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-    return [found[n] for n in names]
+    return [found[n] for n in matching(sorted(found), pattern)]
 
 
 def find(name: str) -> PretrainedEntry | None:

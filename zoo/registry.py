@@ -30,6 +30,14 @@ def close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
     return found
 
 
+def matching(names: list[str], pattern: str | None) -> list[str]:
+    """The names a shell-style wildcard (`vit_*_patch4_*`) matches, or that contain a plain substring."""
+    if not pattern:
+        return list(names)
+    pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    return [n for n in names if fnmatch.fnmatchcase(n, pat)]
+
+
 class Registry:
     """A named table of factories. `register` is usable as a decorator.
 
@@ -81,11 +89,7 @@ class Registry:
     def names(self, pattern: str | None = None) -> list[str]:
         """Sorted names, optionally filtered by a shell-style wildcard (`vit_*_patch4_*`)."""
         self._populate()
-        names = sorted(self._entries)
-        if pattern:
-            pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-            names = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-        return names
+        return matching(sorted(self._entries), pattern)
 
     def __contains__(self, name: object) -> bool:
         self._populate()
